@@ -1,0 +1,9 @@
+"""Training-free samplers: every solver is a pure init/query/update plan run by one ``lax.scan``.
+
+``SOLVERS`` maps a name to its factory; ``sample`` is the public entry (see ``driver.py``).
+"""
+from dpmjax.samplers.base import SOLVERS, ModelEval, Solver, register  # noqa: F401
+from dpmjax.samplers import ddim, dpm_solver  # noqa: F401  (registration side effects)
+from dpmjax.samplers.driver import make_sampler, plan, sample  # noqa: F401
+
+__all__ = ["SOLVERS", "Solver", "ModelEval", "register", "sample", "make_sampler", "plan"]

@@ -359,7 +359,7 @@ def time_grid(schedule, num_steps: int, spacing: str = "time_uniform", *, t_star
     if spacing in DISCRETE_SPACINGS:
         return _diffusers_grid(schedule, num_steps, spacing, steps_offset)
 
-    with jax.default_device(jax.devices("cpu")[0]), jax.enable_x64(True):
+    with jax.ensure_compile_time_eval(), jax.default_device(jax.devices("cpu")[0]), jax.enable_x64(True):
         if spacing == "time_uniform":
             grid = np.linspace(t_start, t_end, num_steps + 1)
         elif spacing == "time_quadratic":

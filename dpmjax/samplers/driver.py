@@ -63,7 +63,8 @@ def plan(schedule, solver: str, *, nfe=None, timesteps=None, spacing: str = "tim
     else:
         grid = validate_timesteps(schedule, timesteps, min_points=2 + int(final_zero))
         if not isinstance(grid, jax.core.Tracer):
-            end_sigma = np.asarray(schedule.sigma(jnp.asarray(grid[-1], jnp.float32)))
+            with jax.ensure_compile_time_eval():
+                end_sigma = np.asarray(schedule.sigma(jnp.asarray(grid[-1], jnp.float32)))
             if np.all(end_sigma == 0) and not final_zero:
                 final_zero = True
                 extra_calls = 1

@@ -1,0 +1,38 @@
+"""dpmjax: fast diffusion-model samplers, gradients through sampling, and training, in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="dpmjax",
+    version="0.1.0",
+    description="JAX/Flax diffusion probabilistic models: fast samplers (DPM-Solver, DPM-Solver++, UniPC, "
+                "PNDM, ...), adjoint gradients, training and evaluation",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["dpmjax", "dpmjax.*"]),
+    package_data={"dpmjax": ["assets/*"]},
+    python_requires=">=3.10",
+    # Ranges admit what pip resolves on Python 3.11 today (jax 0.10.x) and the GPU images (jax 0.11.x).
+    install_requires=[
+        "jax>=0.10.0,<0.12",
+        "jaxlib>=0.10.0,<0.12",
+        "flax>=0.12.0,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11.0,<0.13",
+        "diffrax>=0.7.0,<0.8",
+        "ml-collections>=1.0.0,<2",
+        "clu>=0.0.12,<0.1",
+        "tensorflow-datasets>=4.9.6,<5",
+        "grain>=0.2.10,<0.3",
+        "scikit-learn>=1.5,<2",
+        "matplotlib>=3.8,<4",
+        "tqdm>=4.66,<5",
+        "numpy>=1.26,<3",
+        "scipy>=1.12,<2",
+    ],
+    extras_require={
+        # torch 2.13.0 CPU and diffusers are the parity oracles (diffusers' PyTorch schedulers).
+        "test": ["pytest>=8,<10", "torch==2.13.0", "diffusers>=0.35,<0.43"],
+        "tf": ["tensorflow-cpu>=2.16,<2.22", "tensorboard>=2.16,<2.22"],
+    },
+    entry_points={"console_scripts": ["dpmjax=dpmjax.main:main"]},
+)

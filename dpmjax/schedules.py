@@ -342,8 +342,8 @@ def time_grid(schedule, num_steps: int, spacing: str = "time_uniform", *, t_star
       "time_uniform":   t uniform;  "time_quadratic": sqrt(t) uniform (DDIM's quadratic);
       "karras":         sigma_ve = e^{-lambda} uniform in sigma_ve^{1/rho}, rho = 7;
       "linspace" / "leading" / "trailing": diffusers' integer timesteps k of a ``DiscreteVP``
-          (k -> t = (k + 1)/N); the grid's last point is the one diffusers drops when it ends at
-          sigma = 0, i.e. k = 0 for linspace and the next lower timestep for leading/trailing.
+          (k -> t = (k + 1)/N), exactly DPMSolverMultistepScheduler's ``timesteps`` (t_start/t_end are
+          not used); the grid's last point is k = 0, where diffusers ends with final_sigmas_type="sigma_min".
     Computed on the host before anything is compiled.
     """
     if spacing not in SPACINGS:
@@ -390,13 +390,15 @@ def _diffusers_grid(schedule, num_steps: int, spacing: str, steps_offset: int) -
     else:
         # diffusers' num_steps timesteps, then the end point k = 0 (the "sigma_min" final step).
         if spacing == "leading":
-            ratio = n // num_steps
-            ks = (np.arange(0, num_steps) * ratio).round()[::-1] + steps_offset
+            # As DPMSolverMultistepScheduler (and UniPC/DEIS): ratio N // (num_steps + 1), num_steps + 1
+            # points with k = 0 dropped. (DDIMScheduler's leading uses N // num_steps and keeps k = 0.)
+            ratio = n // (num_steps + 1)
+            ks = (np.arange(0, num_steps + 1) * ratio).round()[::-1][:-1] + steps_offset
         else:  # trailing
             ks = np.round(np.arange(n, 0, -n / num_steps)) - 1
         if ks[-1] <= 0:
-            raise ValueError(f"spacing {spacing!r} with steps_offset={steps_offset} already ends at timestep 0; "
-                             "use steps_offset=1 (as Stable Diffusion does) or spacing 'linspace'")
+            raise ValueError(f"{num_steps} steps with spacing {spacing!r} already end at timestep 0 on a "
+                             f"{n}-step schedule; use fewer steps or spacing 'linspace'")
         ks = np.append(ks, 0.0)
     ks = np.asarray(ks, dtype=np.float64)
     if np.any(np.diff(ks) >= 0):

@@ -78,7 +78,8 @@ def register(name: str, *, options=(), steps_for_nfe=None, min_nfe=None, stochas
 def check_options(solver: str, options: dict, allowed) -> None:
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(f"solver {solver!r} got unknown option(s) {unknown}; it accepts {sorted(allowed)}")
+        public = sorted(name for name in allowed if not name.startswith("_"))
+        raise ValueError(f"solver {solver!r} got unknown option(s) {unknown}; it accepts {public}")
 
 
 def check_order(solver: str, order, allowed) -> int:

@@ -61,7 +61,16 @@ def plan(schedule, solver: str, *, nfe=None, timesteps=None, spacing: str = "tim
         builder = entry.grid or (lambda sch, n, sp, ts, te, **_: time_grid(sch, n, sp, t_start=ts, t_end=te))
         grid = builder(schedule, steps + int(final_zero), spacing, t_start, t_end, **solver_options)
     else:
-        grid = validate_timesteps(schedule, timesteps, min_points=2 + int(final_zero))
+        if final_zero and not isinstance(timesteps, jax.core.Tracer):
+            # the last point only marks the sigma = 0 end: it may be 0 even where the schedule starts at 1/N
+            ends = np.asarray(timesteps, np.float64)
+            validate_timesteps(schedule, ends[:-1], min_points=2)
+            if ends.ndim != 1 and ends.ndim != 2 or not np.all((ends[-1] >= 0) & (ends[-1] < ends[-2])):
+                raise ValueError("timesteps: with final_sigma='zero' the last point (the sigma = 0 end) must be "
+                                 ">= 0 and below the one before it")
+            grid = ends
+        else:
+            grid = validate_timesteps(schedule, timesteps, min_points=2 + int(final_zero))
         if not isinstance(grid, jax.core.Tracer):
             with jax.ensure_compile_time_eval():
                 end_sigma = np.asarray(schedule.sigma(jnp.asarray(grid[-1], jnp.float32)))
@@ -113,6 +122,9 @@ def sample(model_fn: Callable, x_T, *, schedule, solver: str, nfe: int | None = 
     built, grid, final_denoise = plan(
         schedule, solver, nfe=nfe, timesteps=timesteps, spacing=spacing, t_start=t_start, t_end=t_end,
         final_sigma=final_sigma, denoise_to_zero=denoise_to_zero, **solver_options)
+    if hasattr(built, "run") and (return_trajectory or check_nan):
+        raise ValueError(f"solver {solver!r} runs its own adaptive loop: return_trajectory and check_nan are not "
+                         "supported (see dpmjax.samplers.adaptive.sample_adaptive for its NFE)")
     if thresholding and built.uses == "eps":
         raise ValueError(f"thresholding acts on x0-predictions; solver {solver!r} (with these options) "
                          "updates with eps only. Use a data-prediction solver (dpmpp_*, unipc, ddim, ...).")
@@ -159,6 +171,9 @@ def _evaluate(model_fn, schedule, prediction, thresholding, ratio, max_value, ba
 
 def _run(built: Solver, evaluate, x_T, key, grid, final_denoise, return_trajectory, check_nan):
     key = jax.random.key(0) if key is None else key
+    if hasattr(built, "run"):  # a solver with its own (while) loop: dpm_solver_adaptive
+        x, _ = built.run(evaluate, x_T, key)
+        return evaluate(x, grid[-1]).x0 if final_denoise else x
 
     def body(carry, i):
         state, first_bad = carry

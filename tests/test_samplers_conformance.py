@@ -1,0 +1,178 @@
+"""One conformance test over every registered solver: the sampler contract of DESIGN.md.
+
+jit == eager; one compile for repeated calls; vmap over keys; per-sample time grids; gradients w.r.t. x_T
+finite and equal to finite differences; no NaN from the smallest NFE to 1000 (sigma = 0 end included);
+NFE counted exactly; bfloat16 model outputs with float32 solver state.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dpmjax
+from dpmjax.oracle import GaussianMixture
+from dpmjax.samplers import plan
+
+SCHEDULE = dpmjax.DiscreteVP.from_name("linear")
+MIXTURE = GaussianMixture.ring()
+MODEL = MIXTURE.model_fn(SCHEDULE)
+FIXED_STEP = sorted(name for name, entry in dpmjax.SOLVERS.items() if name != "dpm_solver_adaptive")
+
+
+def valid_nfe(name, target, **kwargs):
+    """The smallest NFE >= target that the solver accepts (e.g. heun needs an even count)."""
+    for nfe in range(target, target + 20):
+        try:
+            plan(SCHEDULE, name, nfe=nfe, **kwargs)
+            return nfe
+        except ValueError:
+            continue
+    raise AssertionError(f"no valid nfe near {target} for {name}")
+
+
+def x_init(batch=4, dtype=jnp.float32, seed=0):
+    return jax.random.normal(jax.random.key(seed), (batch, 2), dtype)
+
+
+@pytest.mark.parametrize("name", FIXED_STEP)
+def test_jit_equals_eager_and_compiles_once(name):
+    nfe = valid_nfe(name, 6)
+    x = x_init()
+    key = jax.random.key(1)
+    eager = dpmjax.sample(MODEL, x, schedule=SCHEDULE, solver=name, nfe=nfe, key=key)
+    fn = dpmjax.make_sampler(MODEL, schedule=SCHEDULE, solver=name, nfe=nfe)
+    jitted = fn(x, key)
+    # float32: XLA may fuse/reorder the update arithmetic differently under jit; allow a few ulps of x.
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=1e-5, atol=1e-5)
+    fn(x_init(seed=3), jax.random.key(2))
+    assert fn._cache_size() == 1
+    assert np.all(np.isfinite(np.asarray(jitted)))
+
+
+@pytest.mark.parametrize("name", FIXED_STEP)
+def test_nfe_counted_exactly(name):
+    calls = []
+
+    def counting_model(x, t):
+        jax.debug.callback(lambda: calls.append(1))
+        return MODEL(x, t)
+
+    for final_sigma in ("t_end", "zero"):
+        nfe = valid_nfe(name, 7, final_sigma=final_sigma)
+        calls.clear()
+        out = dpmjax.sample(counting_model, x_init(), schedule=SCHEDULE, solver=name, nfe=nfe,
+                            key=jax.random.key(0), final_sigma=final_sigma)
+        out.block_until_ready()
+        jax.effects_barrier()
+        assert len(calls) == nfe, (final_sigma, len(calls), nfe)
+
+
+@pytest.mark.parametrize("name", FIXED_STEP)
+def test_vmap_over_keys(name):
+    nfe = valid_nfe(name, 5)
+    fn = lambda key: dpmjax.sample(MODEL, x_init(), schedule=SCHEDULE, solver=name, nfe=nfe, key=key)
+    keys = jax.random.split(jax.random.key(0), 3)
+    out = jax.vmap(fn)(keys)
+    assert out.shape == (3, 4, 2)
+    np.testing.assert_allclose(np.asarray(out[1]), np.asarray(fn(keys[1])), rtol=1e-5, atol=1e-5)
+    if dpmjax.SOLVERS[name].stochastic and name != "ddim":
+        assert not np.allclose(np.asarray(out[0]), np.asarray(out[1]))
+
+
+@pytest.mark.parametrize("name", FIXED_STEP)
+def test_per_sample_timesteps(name):
+    nfe = valid_nfe(name, 6)
+    _, grid, _ = plan(SCHEDULE, name, nfe=nfe, spacing="logSNR")
+    _, grid_b, _ = plan(SCHEDULE, name, nfe=nfe, spacing="time_uniform")
+    x = x_init(batch=2)
+    key = jax.random.key(0)
+    both = dpmjax.sample(MODEL, x, schedule=SCHEDULE, solver=name, key=key,
+                         timesteps=np.stack([grid, grid_b], axis=1))
+    first = dpmjax.sample(MODEL, x, schedule=SCHEDULE, solver=name, key=key, timesteps=grid)
+    second = dpmjax.sample(MODEL, x, schedule=SCHEDULE, solver=name, key=key, timesteps=grid_b)
+    if dpmjax.SOLVERS[name].stochastic and name != "ddim":
+        return  # noise is drawn for the whole batch; the shapes and finiteness are what we can check
+    np.testing.assert_allclose(np.asarray(both[0]), np.asarray(first[0]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(both[1]), np.asarray(second[1]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", FIXED_STEP)
+def test_gradient_matches_finite_differences(name, x64):
+    nfe = valid_nfe(name, 6)
+    x = x_init(batch=3, dtype=jnp.float64)
+    key = jax.random.key(0)
+    weights = jax.random.normal(jax.random.key(5), x.shape, jnp.float64)
+
+    def loss(x_T):
+        return jnp.sum(weights * dpmjax.sample(MODEL, x_T, schedule=SCHEDULE, solver=name, nfe=nfe, key=key))
+
+    grad = jax.grad(loss)(x)
+    assert np.all(np.isfinite(np.asarray(grad)))
+    direction = jax.random.normal(jax.random.key(6), x.shape, jnp.float64)
+    eps = 1e-5
+    fd = (loss(x + eps * direction) - loss(x - eps * direction)) / (2 * eps)
+    # central differences in float64: truncation O(eps^2) ~ 1e-10, rounding ~ 1e-16 / eps ~ 1e-11.
+    np.testing.assert_allclose(float(jnp.sum(grad * direction)), float(fd), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", FIXED_STEP)
+def test_no_nan_from_min_nfe_to_1000(name):
+    x = x_init(batch=2)
+    key = jax.random.key(0)
+    for final_sigma in ("t_end", "zero"):
+        for target in (1, 1000):
+            nfe = valid_nfe(name, target, final_sigma=final_sigma)
+            out = dpmjax.sample(MODEL, x, schedule=SCHEDULE, solver=name, nfe=nfe, key=key,
+                                final_sigma=final_sigma)
+            assert np.all(np.isfinite(np.asarray(out))), (name, nfe, final_sigma)
+
+
+@pytest.mark.parametrize("name", FIXED_STEP)
+def test_bfloat16_model_with_float32_state(name):
+    nfe = valid_nfe(name, 6)
+    bf16_model = lambda x, t: MODEL(x, t).astype(jnp.bfloat16)
+    x = x_init()
+    out = dpmjax.sample(bf16_model, x, schedule=SCHEDULE, solver=name, nfe=nfe, key=jax.random.key(0))
+    ref = dpmjax.sample(MODEL, x, schedule=SCHEDULE, solver=name, nfe=nfe, key=jax.random.key(0))
+    assert out.dtype == jnp.float32
+    # bfloat16 keeps 8 bits of mantissa: outputs agree to ~1e-2 relative after a few steps.
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=5e-2, atol=5e-2)
+
+
+def test_bad_input_is_rejected_before_compiling():
+    x = x_init()
+    with pytest.raises(ValueError, match="unknown solver"):
+        dpmjax.sample(MODEL, x, schedule=SCHEDULE, solver="dpm_solver_9", nfe=5)
+    with pytest.raises(ValueError, match="order must be one of"):
+        dpmjax.sample(MODEL, x, schedule=SCHEDULE, solver="unipc", nfe=5, order=4)
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        dpmjax.sample(MODEL, x, schedule=SCHEDULE, solver="dpmpp_2m", nfe=5, prediction="epsilon")
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        dpmjax.sample(MODEL, x, schedule=SCHEDULE, solver="dpmpp_2m", timesteps=[0.5, 0.7, 0.1])
+    with pytest.raises(ValueError, match=r"must lie in \[0.001, 1\]"):
+        dpmjax.sample(MODEL, x, schedule=SCHEDULE, solver="dpmpp_2m", timesteps=[1.5, 0.5, 0.1])
+    with pytest.raises(ValueError, match="at least 2 points"):
+        dpmjax.sample(MODEL, x, schedule=SCHEDULE, solver="dpmpp_2m", timesteps=[0.5])
+    with pytest.raises(ValueError, match="nfe=0 is too small"):
+        dpmjax.sample(MODEL, x, schedule=SCHEDULE, solver="dpmpp_2m", nfe=0)
+    with pytest.raises(ValueError, match="thresholding acts on x0"):
+        dpmjax.sample(MODEL, x, schedule=SCHEDULE, solver="dpm_solver_2m", nfe=5, thresholding=True)
+    with pytest.raises(ValueError, match="floating-point"):
+        dpmjax.sample(MODEL, jnp.zeros((4, 2), jnp.int32), schedule=SCHEDULE, solver="dpmpp_2m", nfe=5)
+    with pytest.raises(ValueError, match="model_fn failed"):
+        dpmjax.sample(MODEL, jnp.zeros((4, 3)), schedule=SCHEDULE, solver="dpmpp_2m", nfe=5)
+    with pytest.raises(ValueError, match="stochastic: pass key"):
+        dpmjax.sample(MODEL, x, schedule=SCHEDULE, solver="ddpm", nfe=5)
+    with pytest.raises(ValueError, match="unknown option"):
+        dpmjax.sample(MODEL, x, schedule=SCHEDULE, solver="dpmpp_2m", nfe=5, solver_typ="taylor")
+
+
+def test_nan_from_the_model_is_reported_with_its_step():
+    def broken(x, t):
+        return jnp.where(t[:, None] < 0.5, jnp.nan, MODEL(x, t))
+
+    with pytest.raises(Exception, match="NaN/inf at model call"):
+        out = dpmjax.sample(broken, x_init(), schedule=SCHEDULE, solver="dpmpp_2m", nfe=6,
+                            spacing="time_uniform", check_nan=True)
+        out.block_until_ready()
+        jax.effects_barrier()

@@ -1,0 +1,31 @@
+"""Test configuration shared by the whole suite.
+
+* 8 simulated CPU devices (``XLA_FLAGS``), set before anything imports jax, so sharding code runs as on a pod.
+* Strict dtype promotion: a float32 array never silently meets a float64 one (library bugs surface here).
+* ``x64`` fixture: run one test with float64 enabled (``jax.enable_x64`` context manager, jax >= 0.10).
+"""
+import os
+
+# Append rather than overwrite: keep any XLA flags the user already set.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402  (must come after XLA_FLAGS)
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+
+@pytest.fixture
+def x64():
+    """Enable float64 for the duration of one test."""
+    with jax.enable_x64(True):
+        yield
+
+
+@pytest.fixture
+def rng():
+    """A seeded numpy generator, fresh for each test."""
+    import numpy as np
+
+    return np.random.default_rng(0)

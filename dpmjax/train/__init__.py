@@ -1,0 +1,1 @@
+"""Training: denoising losses, optimizer, train state + EMA, mesh/shardings, jitted step, checkpoints, loop."""

@@ -1,0 +1,26 @@
+"""optax AdamW with linear warmup (then constant or cosine decay) and global-norm gradient clipping."""
+from __future__ import annotations
+
+import optax
+
+DECAYS = ("constant", "cosine")
+
+
+def make_optimizer(*, learning_rate: float, warmup_steps: int = 0, total_steps: int = 1, decay: str = "constant",
+                   weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999, grad_clip: float | None = 1.0):
+    """clip_by_global_norm(grad_clip) -> adamw(schedule), the DDPM/ADM recipe (Ho et al. 2020 App. B)."""
+    if decay not in DECAYS:
+        raise ValueError(f"decay must be one of {DECAYS}, got {decay!r}")
+    if learning_rate <= 0:
+        raise ValueError(f"learning_rate must be positive, got {learning_rate}")
+    if decay == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1), max(total_steps, 2))
+    elif warmup_steps > 0:
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, learning_rate, warmup_steps), optax.constant_schedule(learning_rate)],
+            [warmup_steps])
+    else:
+        schedule = optax.constant_schedule(learning_rate)
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
+    parts.append(optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+    return optax.chain(*parts)

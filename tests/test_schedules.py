@@ -1,5 +1,4 @@
 """Noise schedules and time grids: parity with diffusers, closed forms, inverses, grid spacings, bad inputs."""
-import math
 import warnings
 
 import jax

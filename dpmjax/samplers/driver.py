@@ -90,7 +90,7 @@ def sample(model_fn: Callable, x_T, *, schedule, solver: str, nfe: int | None = 
            prediction: str = "eps", spacing: str = "time_uniform", t_start=None, t_end=None, key=None,
            return_trajectory: bool = False, final_sigma: str = "t_end", denoise_to_zero: bool = False,
            thresholding: bool = False, threshold_ratio: float = 0.995, threshold_max: float = 1.0,
-           check_nan: bool = False, **solver_options):
+           check_nan: bool = False, remat: bool = False, **solver_options):
     """Sample x_0 from x_T with a registered solver, in ``nfe`` model evaluations (counted exactly).
 
     Args:
@@ -109,6 +109,9 @@ def sample(model_fn: Callable, x_T, *, schedule, solver: str, nfe: int | None = 
       thresholding: Imagen dynamic thresholding of every x0-prediction (quantile ``threshold_ratio``,
         floor ``threshold_max``), for data-prediction solvers.
       check_nan: raise (with the step) if the model returns NaN/inf; off by default.
+      remat: rematerialise each scan step under reverse-mode differentiation (``jax.checkpoint`` on the
+        step): backprop then stores only the solver state per step, not the model's activations, and
+        recomputes each step once. No effect on the value, nor on solvers with their own loop.
       **solver_options: the solver's own options (order, lower_order_final, eta, variant, ...).
     Returns:
       x_0 [B, ...] in the dtype of x_T, or (x_0, trajectory) when ``return_trajectory``.
@@ -138,7 +141,7 @@ def sample(model_fn: Callable, x_T, *, schedule, solver: str, nfe: int | None = 
 
     evaluate = functools.partial(_evaluate, model_fn, schedule, prediction, thresholding, threshold_ratio,
                                  threshold_max, batch)
-    return _run(built, evaluate, x_T, key, grid, final_denoise, return_trajectory, check_nan)
+    return _run(built, evaluate, x_T, key, grid, final_denoise, return_trajectory, check_nan, remat)
 
 
 def _needs_key(solver: str, options: dict) -> bool:
@@ -169,7 +172,7 @@ def _evaluate(model_fn, schedule, prediction, thresholding, ratio, max_value, ba
     return ModelEval(eps=eps, x0=x0)
 
 
-def _run(built: Solver, evaluate, x_T, key, grid, final_denoise, return_trajectory, check_nan):
+def _run(built: Solver, evaluate, x_T, key, grid, final_denoise, return_trajectory, check_nan, remat=False):
     key = jax.random.key(0) if key is None else key
     if hasattr(built, "run"):  # a solver with its own (while) loop: dpm_solver_adaptive
         x, _ = built.run(evaluate, x_T, key)
@@ -185,6 +188,8 @@ def _run(built: Solver, evaluate, x_T, key, grid, final_denoise, return_trajecto
         state = built.update(state, i, out)
         return (state, first_bad), (built.output(state) if return_trajectory else None)
 
+    if remat:  # prevent_cse=False is safe (and faster) inside scan, see jax.checkpoint's docs
+        body = jax.checkpoint(body, prevent_cse=False)
     state = built.init(x_T, key)
     (state, first_bad), trajectory = jax.lax.scan(
         body, (state, jnp.asarray(-1, jnp.int32)), jnp.arange(built.num_model_calls, dtype=jnp.int32))
@@ -222,4 +227,4 @@ def make_sampler(model_fn: Callable, *, schedule, solver: str, **kwargs) -> Call
 
 
 _SAMPLE_ONLY = ("prediction", "return_trajectory", "thresholding", "threshold_ratio", "threshold_max",
-                "check_nan")
+                "check_nan", "remat")

@@ -1,8 +1,15 @@
 """The ``dpmjax`` command line: the only module that parses flags.
 
-    dpmjax sample [--oracle ring|mix64] [--solvers a,b] [--nfe 5,10,20] [--num M] [--out FILE]
+    dpmjax quickstart [--workdir runs/digits]
+        The main job (also what plain ``dpmjax`` runs): train configs/digits.py, sample it with dpmpp_2m at
+        10 NFE, write a sample grid and a quality table (classifier Frechet distance at NFE 5/10/20 and for
+        1000-step DDPM, beside the real-data floor).
+    dpmjax train --config configs/NAME.py[:ARG] --workdir DIR [--config.train.num_steps=N ...]
+    dpmjax sample --workdir DIR --solver S --nfe N --num M --out FILE.npz     (npz + PNG grid)
+    dpmjax sample [--oracle ring|mix64] [--solvers a,b] [--nfe 5,10,20]       (no --workdir: the oracle)
         Sample the Gaussian-mixture oracle (exact score) with each solver and NFE; print the error against
-        the exact probability-flow ODE solution (the default job: runs offline in about a minute).
+        the exact probability-flow ODE solution.
+    dpmjax eval --workdir DIR --solvers a,b --nfe 5,10,20 [--num M]           (CSV + plot)
     dpmjax solvers
         List the registered solvers and their options.
 """
@@ -45,6 +52,8 @@ def _schedule(name: str):
 
 
 def cmd_sample(args) -> int:
+    if args.workdir:
+        return cmd_sample_workdir(args)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -52,9 +61,6 @@ def cmd_sample(args) -> int:
     import dpmjax
     from dpmjax.oracle import ode_solution
 
-    if args.workdir:
-        raise SystemExit("dpmjax sample --workdir needs the training issue's checkpoints; "
-                         "without --workdir it samples the Gaussian-mixture oracle")
     solvers = _parse_list(args.solvers)
     nfes = _parse_list(args.nfe, int)
     for name in solvers:
@@ -99,6 +105,135 @@ def cmd_sample(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------
+# Configs: python files returning a locked ml_collections.ConfigDict, with --config.a.b=value overrides.
+# ------------------------------------------------------------------------------------------------
+
+def configs_dir() -> str:
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load_config(spec: str, overrides=()):
+    """``path/to/config.py[:arg]`` -> ConfigDict, then apply ``--config.key=value`` overrides."""
+    import ast
+    import difflib
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path) and os.path.exists(os.path.join(configs_dir(), os.path.basename(path))):
+        path = os.path.join(configs_dir(), os.path.basename(path))
+    if not os.path.exists(path):
+        raise ValueError(f"--config: no config file {path!r} (configs live in {configs_dir()})")
+    module_spec = importlib.util.spec_from_file_location("dpmjax_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+    for item in overrides:
+        if not item.startswith("--config.") or "=" not in item:
+            raise ValueError(f"unrecognised argument {item!r} (overrides look like --config.train.num_steps=100)")
+        dotted, _, text = item[len("--config."):].partition("=")
+        node, parts = config, dotted.split(".")
+        for depth, part in enumerate(parts):
+            keys = list(node.keys()) if hasattr(node, "keys") else []
+            if part not in keys:
+                near = difflib.get_close_matches(part, keys, n=1)
+                hint = f"; did you mean {'.'.join(parts[:depth] + near)!r}?" if near else ""
+                raise ValueError(f"config has no key {dotted!r}{hint} (valid here: {sorted(keys)})")
+            if depth < len(parts) - 1:
+                node = node[part]
+        current = node[parts[-1]]
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        if isinstance(current, float) and isinstance(value, int):
+            value = float(value)
+        if isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(value)
+        with config.unlocked() if hasattr(config, "unlocked") else _null():
+            node[parts[-1]] = value
+    return config
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def cmd_train(args, extra) -> int:
+    from dpmjax.train.loop import train
+    config = load_config(args.config, extra)
+    if args.multihost:
+        import jax
+        jax.distributed.initialize()
+    train(config, args.workdir, num_devices=args.num_devices)
+    print(f"trained {config.train.num_steps} steps; checkpoints in {os.path.abspath(args.workdir)}/checkpoints")
+    return 0
+
+
+def cmd_sample_workdir(args) -> int:
+    import numpy as np
+
+    from dpmjax.metrics.report import generate, image_grid
+    from dpmjax.train.loop import load_for_sampling
+
+    model_fn, schedule, config = load_for_sampling(args.workdir)
+    solver, nfe = args.solvers.split(",")[0], int(args.nfe.split(",")[0])
+    images = generate(model_fn, schedule, tuple(config.data.image_shape), solver=solver, nfe=nfe, num=args.num,
+                      seed=args.seed, spacing=args.spacing)
+    out = args.out or os.path.join(args.workdir, f"samples_{solver}_nfe{nfe}.npz")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    np.savez(out, images=images, solver=solver, nfe=nfe)
+    image_grid(images, os.path.splitext(out)[0] + ".png")
+    print(f"wrote {out} and {os.path.splitext(out)[0]}.png ({len(images)} samples, {solver}, nfe={nfe})")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from dpmjax.metrics.report import quality_table
+    from dpmjax.train.loop import load_for_sampling
+
+    model_fn, schedule, config = load_for_sampling(args.workdir)
+    out_dir = args.out_dir or os.path.join(args.workdir, "eval")
+    rows, _, _ = quality_table(model_fn, schedule, config, solvers=_parse_list(args.solvers),
+                               nfes=_parse_list(args.nfe, int), num=args.num,
+                               ddpm_steps=args.ddpm_steps or None, out_dir=out_dir)
+    _print_table(rows)
+    print(f"wrote {out_dir}/quality.csv and quality.png")
+    return 0
+
+
+def _print_table(rows):
+    print(f"{'sampler':<26}{'NFE':>6}{'Frechet (classifier)':>22}{'confident > 0.9':>18}{'seconds':>10}")
+    for r in rows:
+        print(f"{r['solver']:<26}{r['nfe']:>6}{r['frechet']:>22.3f}{r['confident_share']:>18.3f}"
+              f"{r['seconds']:>10.1f}")
+
+
+def cmd_quickstart(args) -> int:
+    from dpmjax.metrics.report import image_grid, quality_table
+    from dpmjax.train.loop import load_for_sampling, train
+
+    start = time.perf_counter()
+    config = load_config(os.path.join(configs_dir(), "digits.py"))
+    print(f"[1/3] training configs/digits.py for {config.train.num_steps} steps in {args.workdir}")
+    train(config, args.workdir)
+    model_fn, schedule, config = load_for_sampling(args.workdir)
+    print("[2/3] sampling: dpmpp_2m, 5/10/20 NFE, and 1000-step DDPM (the reference sampler)")
+    rows, samples, _ = quality_table(model_fn, schedule, config, solvers=["dpmpp_2m"], nfes=[5, 10, 20],
+                                     num=args.num, ddpm_steps=1000, ddpm_num=args.ddpm_num,
+                                     out_dir=os.path.join(args.workdir, "eval"))
+    grid = os.path.join(args.workdir, "samples_dpmpp_2m_nfe10.png")
+    image_grid(samples[("dpmpp_2m", 10)], grid)
+    print("[3/3] quality (Frechet distance in a digits classifier's feature space; lower is better):")
+    _print_table(rows)
+    print(f"sample grid: {grid}; table: {args.workdir}/eval/quality.csv; total {time.perf_counter() - start:.0f} s")
+    return 0
+
+
 def cmd_solvers(args) -> int:
     import dpmjax
     for name, entry in sorted(dpmjax.SOLVERS.items()):
@@ -124,15 +259,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
     s = sub.add_parser("solvers", help="list the registered solvers")
     s.set_defaults(func=cmd_solvers)
+    t = sub.add_parser("train", help="train a config (extra --config.a.b=v override config fields)")
+    t.add_argument("--config", required=True)
+    t.add_argument("--workdir", required=True)
+    t.add_argument("--num-devices", type=int, default=None)
+    t.add_argument("--multihost", action="store_true", help="call jax.distributed.initialize() first")
+    t.set_defaults(func=cmd_train, takes_extra=True)
+    e = sub.add_parser("eval", help="quality table of a trained workdir per solver and NFE")
+    e.add_argument("--workdir", required=True)
+    e.add_argument("--solvers", default="dpmpp_2m,unipc,ddim")
+    e.add_argument("--nfe", default="5,10,20")
+    e.add_argument("--num", type=int, default=1000)
+    e.add_argument("--ddpm-steps", type=int, default=0, help="also 1000-step DDPM etc. (0: skip)")
+    e.add_argument("--out-dir", default=None)
+    e.set_defaults(func=cmd_eval)
+    q = sub.add_parser("quickstart", help="the main job: train digits, sample, report quality")
+    q.add_argument("--workdir", default="runs/digits")
+    q.add_argument("--num", type=int, default=1000)
+    q.add_argument("--ddpm-num", type=int, default=500)
+    q.set_defaults(func=cmd_quickstart)
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, extra = parser.parse_known_args(argv)
     if args.command is None:
-        args = parser.parse_args(["sample"])
+        args, extra = parser.parse_known_args(["quickstart"] + argv)
     try:
+        if getattr(args, "takes_extra", False):
+            return args.func(args, extra)
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return args.func(args)
     except ValueError as err:
         print(f"dpmjax: error: {err}", file=sys.stderr)

@@ -52,25 +52,20 @@ def loss_weights(t, schedule, target: str, min_snr_gamma: float | None):
 
 
 def denoising_loss(apply_fn, params, batch, key, schedule, *, target: str = "eps",
-                   min_snr_gamma: float | None = None, label_dropout: float = 0.0, num_classes: int | None = None):
-    """Mean weighted squared error of ``apply_fn(params, x_t, t, y, rngs)`` against the ``target``.
+                   min_snr_gamma: float | None = None):
+    """Mean weighted squared error of ``apply_fn(params, x_t, t, y, key)`` against the ``target``.
 
-    ``batch`` is a dict with "image" [B, H, W, C] in [-1, 1] and optionally "label" [B]. With
-    ``label_dropout`` > 0 labels are replaced by the null class ``num_classes`` with that probability
-    (classifier-free guidance training, Ho & Salimans 2022). Returns (loss, per-sample losses).
+    ``batch`` is a dict with "image" [B, H, W, C] in [-1, 1] and optionally "label" [B] (label dropout for
+    classifier-free guidance is the network's own, driven by ``key``). Returns (loss, per-sample losses).
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     x0 = batch["image"]
-    k_t, k_noise, k_drop, k_model = jax.random.split(key, 4)
+    k_t, k_noise, k_model = jax.random.split(key, 3)
     t = sample_times(k_t, x0.shape[0], schedule, x0.dtype)
     noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
     x_t = diffuse(x0, t, noise, schedule)
-    labels = batch.get("label")
-    if labels is not None and label_dropout > 0:
-        drop = jax.random.bernoulli(k_drop, label_dropout, labels.shape)
-        labels = jnp.where(drop, num_classes, labels)
-    out = apply_fn(params, x_t, t, labels, k_model).astype(x0.dtype)
+    out = apply_fn(params, x_t, t, batch.get("label"), k_model).astype(x0.dtype)
     per_sample = jnp.mean((out - target_for(x0, noise, t, schedule, target)) ** 2, axis=tuple(range(1, x0.ndim)))
     per_sample = per_sample * loss_weights(t, schedule, target, min_snr_gamma)
     return jnp.mean(per_sample), per_sample

@@ -1,7 +1,8 @@
 """Device mesh and shardings: one "data" axis, the same code on 1 CPU, 8 simulated CPUs or a pod.
 
 Multi-host: call ``jax.distributed.initialize()`` before ``make_mesh`` (``dpmjax train --multihost``);
-``jax.devices()`` then lists every host's devices and batches are assembled from per-host shards.
+``jax.devices()`` then lists every host's devices, and ``dpmjax.data.BatchIterator(..., mesh=mesh)``
+assembles global batches from each host's rows.
 """
 from __future__ import annotations
 
@@ -27,15 +28,3 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
-
-
-def shard_batch(batch, mesh: Mesh):
-    """Place a host-global batch (dict of numpy arrays) on the mesh, split along the batch axis."""
-    size = mesh.devices.size
-    for name, value in batch.items():
-        if value.shape[0] % size:
-            raise ValueError(f"batch[{name!r}] has {value.shape[0]} rows, not divisible by the {size} devices of "
-                             "the mesh's data axis: choose a batch size that is a multiple of it")
-    if jax.process_count() > 1:
-        return {k: jax.make_array_from_process_local_data(data_sharding(mesh), v) for k, v in batch.items()}
-    return jax.device_put(batch, data_sharding(mesh))

@@ -14,7 +14,8 @@ def make_optimizer(*, learning_rate: float, warmup_steps: int = 0, total_steps: 
     if learning_rate <= 0:
         raise ValueError(f"learning_rate must be positive, got {learning_rate}")
     if decay == "cosine":
-        schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1), max(total_steps, 2))
+        schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1),
+                                                      max(total_steps, warmup_steps + 1, 2))
     elif warmup_steps > 0:
         schedule = optax.join_schedules(
             [optax.linear_schedule(0.0, learning_rate, warmup_steps), optax.constant_schedule(learning_rate)],

@@ -25,6 +25,13 @@ def create_train_state(params, tx: optax.GradientTransformation, seed: int) -> T
                       opt_state=tx.init(params), key=jax.random.key_data(jax.random.key(seed)))
 
 
-def ema_update(ema, params, decay: float):
+def ema_decay_at(step, decay: float):
+    """min(decay, (1 + step)/(10 + step)): the EMA warm-up of the TF/ADM codebases, so early averages are not
+    dominated by the random initialisation."""
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def ema_update(ema, params, decay):
     """ema <- decay * ema + (1 - decay) * params."""
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)

@@ -9,30 +9,29 @@ import optax
 
 from dpmjax.train import losses
 from dpmjax.train.mesh import data_sharding, replicated
-from dpmjax.train.state import TrainState, ema_update
+from dpmjax.train.state import TrainState, ema_decay_at, ema_update
 
 
 def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, schedule, mesh, *, target: str = "eps",
-                    min_snr_gamma: float | None = None, ema_decay: float = 0.999, label_dropout: float = 0.0,
-                    num_classes: int | None = None):
+                    min_snr_gamma: float | None = None, ema_decay: float = 0.999):
     """Returns ``step(state, batch) -> (state, metrics)`` jitted with explicit shardings over ``mesh``.
 
-    ``apply_fn(params, x_t, t, y, key) -> prediction``. Params, optimizer state and EMA are replicated;
-    the batch is split over "data"; the state buffer is donated.
+    ``apply_fn(params, x_t, t, y, key) -> prediction`` (``key`` drives dropout and label dropout). Params,
+    optimizer state and EMA are replicated; the batch is split over "data"; the state buffer is donated.
     """
     def step(state: TrainState, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
 
         def loss_fn(params):
             return losses.denoising_loss(apply_fn, params, batch, key, schedule, target=target,
-                                         min_snr_gamma=min_snr_gamma, label_dropout=label_dropout,
-                                         num_classes=num_classes)
+                                         min_snr_gamma=min_snr_gamma)
 
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                  ema_params=ema_update(state.ema_params, params, ema_decay))
+                                  ema_params=ema_update(state.ema_params, params,
+                                                                         ema_decay_at(state.step, ema_decay)))
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
         return new_state, metrics
 

@@ -129,7 +129,9 @@ def test_no_nan_from_min_nfe_to_1000(name):
 
 @pytest.mark.parametrize("name", FIXED_STEP)
 def test_bfloat16_model_with_float32_state(name):
-    nfe = valid_nfe(name, 6)
+    # 20 calls: at 3-6 steps some solvers (heun, plms, pndm, singlestep noise-prediction) sit at their stability
+    # limit, where any perturbation of the model output (bfloat16 rounding included) is amplified ~10-50x.
+    nfe = valid_nfe(name, 20)
     bf16_model = lambda x, t: MODEL(x, t).astype(jnp.bfloat16)
     x = x_init()
     out = dpmjax.sample(bf16_model, x, schedule=SCHEDULE, solver=name, nfe=nfe, key=jax.random.key(0))

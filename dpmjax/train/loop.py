@@ -154,7 +154,8 @@ def train(config, workdir: str, *, num_devices: int | None = None, quiet: bool =
             average = update if average is None else average.merge(update)
             done = step + 1
             if done % t.log_every == 0 or done == end:
-                loss = float(average.compute())
+                with jax.numpy_dtype_promotion("standard"):  # clu divides a float total by an int count
+                    loss = float(average.compute())
                 if not np.isfinite(loss):
                     raise FloatingPointError(
                         f"loss became {loss} by step {done}; stopping. The last good checkpoint is step "

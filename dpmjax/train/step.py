@@ -27,12 +27,12 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, schedu
                                          min_snr_gamma=min_snr_gamma)
 
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes int step counts with floats
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                  ema_params=ema_update(state.ema_params, params,
-                                                                         ema_decay_at(state.step, ema_decay)))
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        ema = ema_update(state.ema_params, params, ema_decay_at(state.step, ema_decay))
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         return new_state, metrics
 
     state_sharding = replicated(mesh)

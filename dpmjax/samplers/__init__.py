@@ -4,6 +4,7 @@
 """
 from dpmjax.samplers.base import SOLVERS, ModelEval, Solver, register  # noqa: F401
 from dpmjax.samplers import ddim, dpm_solver  # noqa: F401  (registration side effects)
+from dpmjax.samplers import unipc  # noqa: F401  (registration side effects)
 from dpmjax.samplers import karras, pndm  # noqa: F401  (registration side effects)
 from dpmjax.samplers import adaptive, dpm_solver_singlestep, sde_dpmpp  # noqa: F401  (registration side effects)
 from dpmjax.samplers.driver import make_sampler, plan, sample  # noqa: F401

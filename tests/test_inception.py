@@ -214,6 +214,10 @@ def test_unpickler_refuses_code(tmp_path):
     with pytest.raises(weights.UnsafeCheckpointError):
         weights._RestrictedUnpickler(io.BytesIO(b"c__torch__.m\nNet\n."), {}, allow_script_modules=False).load()
     assert not marker.exists()
+    cyclic = []
+    cyclic.append(cyclic)
+    with pytest.raises(weights.WeightsError, match="cycle"):
+        weights.read_torch_file(legacy[: -len(payload)] + pickle.dumps(cyclic, protocol=2) + pickle.dumps([]))
 
 
 def test_reader_roundtrip_without_weights(tmp_path):

@@ -23,8 +23,6 @@ import functools
 import os
 import tempfile
 import warnings
-from typing import Iterable
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -373,8 +371,8 @@ def fid_from_samples(samples, reference, *, params=None, method: str = "sqrtm", 
     """FID of ``samples`` against ``reference``.
 
     ``reference`` is a pytorch-fid statistics file (path), a ``(mu, sigma)`` pair, or images. ``params``
-    defaults to ``load_inception_params()``; ``method`` goes to ``frechet_distance``; ``kwargs`` go to ``inception_features`` (batch_size, resize, mesh,
-    progress). Reference statistics must come from the same preprocessing (resize mode) as the samples.
+    defaults to ``load_inception_params()``; ``method`` goes to ``frechet_distance``; ``kwargs`` go to
+    ``inception_features`` (batch_size, resize, mesh, progress). Reference statistics must come from the same preprocessing (resize mode) as the samples.
     """
     if params is None:
         from dpmjax.metrics.weights import load_inception_params

@@ -141,7 +141,7 @@ class InceptionE(nn.Module):  # Mixed_7b (avg pool, FIDInceptionE_1) and Mixed_7
         bd = ConvBN(384, (3, 3), name="branch3x3dbl_2")(bd)
         bd = jnp.concatenate([ConvBN(384, (1, 3), name="branch3x3dbl_3a")(bd),
                               ConvBN(384, (3, 1), name="branch3x3dbl_3b")(bd)], axis=-1)
-        if self.max_pool:  # the TF graph's quirk in its last block (pytorch-fid: "Patch: The FID Inception model uses max pooling")
+        if self.max_pool:  # the TF graph's quirk in its last block (pytorch-fid's FIDInceptionE_2)
             pooled = nn.max_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)))
         else:
             pooled = _avg_pool_3x3(x)

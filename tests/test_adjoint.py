@@ -118,7 +118,8 @@ def test_euler_in_rho_is_ddim(problem):
         fn = jax.jit(lambda p, x: value_and_grad_through_sampling(
             make_loss(problem["w"]), mixture_model, p, x, jnp.zeros((4, 2)), schedule=SCHEDULE, method=method,
             wrt=("x_T", "params"), num_steps=10, solver=solver, spacing="logSNR", t_start=T_START, t_end=T_END))
-        results.append(fn({"means": jnp.asarray(problem["means"], jnp.float32)}, jnp.asarray(problem["x_T"], jnp.float32)))
+        params = {"means": jnp.asarray(problem["means"], jnp.float32)}
+        results.append(fn(params, jnp.asarray(problem["x_T"], jnp.float32)))
     (v1, g1), (v2, g2) = results
     np.testing.assert_allclose(float(v1), float(v2), rtol=1e-5)
     for leaf1, leaf2 in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):

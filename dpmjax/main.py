@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quickstart", help="the main job: train digits, sample, report quality")
     q.add_argument("--workdir", default="runs/digits")
     q.add_argument("--num", type=int, default=1000)
-    q.add_argument("--ddpm-num", type=int, default=500)
+    q.add_argument("--ddpm-num", type=int, default=250)
     q.set_defaults(func=cmd_quickstart)
     return parser
 

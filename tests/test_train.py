@@ -115,3 +115,14 @@ def test_misspelled_config_key_names_the_nearest(tmp_path):
         load_config(os.path.join(configs_dir(), "digits.py"), ["--config.train.num_step=3"])
     config = load_config(os.path.join(configs_dir(), "digits.py"), ["--config.train.num_steps=3"])
     assert config.train.num_steps == 3
+
+
+def test_cifar10_config_runs_one_step_on_mock_data(tmp_path):
+    """The GPU/TPU config builds and trains one step here, on TFDS mock data (no download)."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    config = load_config(os.path.join(configs_dir(), "cifar10.py"),
+                         ["--config.data.batch_size=8", "--config.train.num_steps=1", "--config.train.log_every=1",
+                          "--config.train.checkpoint_every=1"])
+    with tfds.testing.mock_data(num_examples=16):
+        train(config, str(tmp_path), num_devices=1, quiet=True)
+    assert np.isfinite(losses(tmp_path)[0])

@@ -19,8 +19,11 @@ def generate(model_fn, schedule, image_shape, *, solver: str, nfe: int, num: int
     entry = dpmjax.SOLVERS[solver]
     kwargs = dict(nfe=nfe, spacing=spacing, **options)
     if solver == "ddpm" and isinstance(schedule, dpmjax.DiscreteVP):
-        # ancestral sampling on the training timesteps, ending at sigma = 0 (Ho et al. 2020, Alg. 2)
-        kwargs.update(spacing="linspace", final_sigma="zero")
+        # ancestral sampling on nfe training timesteps (all of them for nfe = N), then the last step to
+        # sigma = 0 (Ho et al. 2020, Alg. 2); the appended 0 marks that end.
+        n = schedule.num_train_timesteps
+        ks = np.linspace(0, n - 1, nfe).round()[::-1]
+        kwargs = dict(timesteps=np.append((ks + 1.0) / n, 0.0), final_sigma="zero", **options)
     fn = dpmjax.make_sampler(model_fn, schedule=schedule, solver=solver, **kwargs)
     out = []
     key = jax.random.key(seed)
@@ -45,6 +48,8 @@ def image_grid(images, path: str, columns: int = 16) -> None:
     for i, img in enumerate(images):
         r, q = divmod(i, columns)
         canvas[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = img
+    scale = max(1, 32 // h)  # nearest-neighbour upscaling so 8x8 digits are visible
+    canvas = np.repeat(np.repeat(canvas, scale, axis=0), scale, axis=1)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     plt.imsave(path, canvas[..., 0] if c == 1 else canvas, cmap="gray" if c == 1 else None, vmin=0, vmax=1)
 

@@ -61,7 +61,9 @@ def build_data(config, split: str = "train"):
 def init_params(model, config, image_shape):
     x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
     y = jnp.zeros((1,), jnp.int32) if config.model.get("num_classes") else None
-    return model.init(jax.random.key(config.seed), x, jnp.zeros((1,)), y=y)
+    # rbg keys compile model.init several times faster than threefry on CPU (init only; training keys are
+    # the default implementation)
+    return jax.jit(model.init)(jax.random.key(config.seed, impl="rbg"), x, jnp.zeros((1,)), y=y)
 
 
 def _apply_fn(model, schedule):

@@ -95,11 +95,11 @@ def generate(model_fn: Callable, params, x_T, cond=None, *, schedule, method: st
              frozen: tuple[bool, bool] = (False, False)):
     """x_0 from x_T by the probability-flow ODE, differentiable by ``jax.grad`` with the chosen ``method``.
 
-    Arguments are those of ``value_and_grad_through_sampling``; ``frozen`` = (params, cond) flags that are
-    not differentiated (their cotangents are never computed). Returns (x_0, status) where status is a dict:
-    ``ok`` (the forward solve succeeded), ``result`` (diffrax result code), ``num_steps`` (solver steps).
-    With ``jax.grad`` use the methods' memory behaviour directly; ``value_and_grad_through_sampling`` adds
-    the checks.
+    Arguments are those of ``value_and_grad_through_sampling``; ``frozen`` = (params, cond) flags for inputs
+    that will not be differentiated (their cotangents are then never computed). Returns (x_0, status), status a
+    dict of scalars: ``ok`` (the forward solve succeeded), ``result`` (diffrax result code), ``num_steps``
+    (solver steps taken). Any ``jax.grad``/``jax.vjp`` of a function of x_0 gets the method's gradient and memory
+    behaviour; ``value_and_grad_through_sampling`` adds the failure and NaN checks on top.
     """
     parameterization.check_prediction(prediction)
     solver, ode = _plan(method, schedule, num_steps, solver, rtol, atol, spacing, t_start, t_end, solver_options)

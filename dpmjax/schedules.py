@@ -23,7 +23,7 @@ from flax import struct
 
 __all__ = [
     "DiscreteVP", "LinearVP", "CosineVP", "FlowMatching", "SCHEDULES", "SPACINGS",
-    "time_grid", "validate_timesteps", "betas_for_name",
+    "time_grid", "validate_timesteps", "betas_for_name", "lambda_on_host", "t_of_lambda_on_host",
 ]
 
 BETA_SCHEDULE_NAMES = ("linear", "scaled_linear", "cosine")
@@ -395,6 +395,16 @@ def _lambda_fn(schedule, t):
 @jax.jit
 def _t_of_lambda_fn(schedule, lam):
     return schedule.t_of_lambda(lam)
+
+
+def lambda_on_host(schedule, t) -> np.ndarray:
+    """lambda(t) as float64 numpy, computed outside any trace (safe to call while a sampler is being jitted)."""
+    return _host_eval(_lambda_fn, schedule, np.atleast_1d(t))
+
+
+def t_of_lambda_on_host(schedule, lam) -> np.ndarray:
+    """t(lambda) as float64 numpy, computed outside any trace."""
+    return _host_eval(_t_of_lambda_fn, schedule, np.atleast_1d(lam))
 
 
 def _host_eval(fn, schedule, values) -> np.ndarray:

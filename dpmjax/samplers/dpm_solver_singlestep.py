@@ -48,7 +48,7 @@ import numpy as np
 
 from dpmjax.samplers.base import Coefficients, Solver, at_time, expand_like, phi_1, phi_2, phi_3, register, \
     safe_divisor
-from dpmjax.schedules import time_grid
+from dpmjax.schedules import lambda_on_host, t_of_lambda_on_host, time_grid
 
 __all__ = ["singlestep_orders", "singlestep_grid", "make_singlestep", "first_order_update",
            "second_order_update", "third_order_stage", "third_order_update", "SOLVER_TYPES"]
@@ -135,14 +135,13 @@ def singlestep_grid(order: int):
             return time_grid(schedule, num_evals, spacing, t_start=t_start, t_end=t_end)
         orders = singlestep_orders(num_evals, order)
         outer = time_grid(schedule, len(orders), "logSNR", t_start=t_start, t_end=t_end)
-        with jax.default_device(jax.devices("cpu")[0]), jax.enable_x64(True):
-            lams = np.asarray(schedule.lambda_(jnp.asarray(outer, jnp.float64)), np.float64)
-            points = [outer[:1]]
-            for k, step_order in enumerate(orders):
-                inner = np.linspace(lams[k], lams[k + 1], step_order + 1)[1:-1]
-                if inner.size:
-                    points.append(np.asarray(schedule.t_of_lambda(jnp.asarray(inner, jnp.float64)), np.float64))
-                points.append(outer[k + 1:k + 2])
+        lams = lambda_on_host(schedule, outer)
+        points = [outer[:1]]
+        for k, step_order in enumerate(orders):
+            inner = np.linspace(lams[k], lams[k + 1], step_order + 1)[1:-1]
+            if inner.size:
+                points.append(t_of_lambda_on_host(schedule, inner))
+            points.append(outer[k + 1:k + 2])
         return np.concatenate(points)
     return build
 

@@ -82,7 +82,12 @@ def plan(schedule, solver: str, *, nfe=None, timesteps=None, spacing: str = "tim
         raise ValueError("final_sigma='zero' needs at least 3 time points (2 + the sigma = 0 end)")
     if final_zero and "_tail_steps" in entry.options:
         solver_options = {**solver_options, "_tail_steps": 1}  # the sigma = 0 step counts for lower_order_final
-    built = entry(schedule, jnp.asarray(solver_grid), **solver_options)
+    if isinstance(solver_grid, jax.core.Tracer):
+        grid_array = solver_grid
+    else:
+        with jax.ensure_compile_time_eval():  # a concrete array even while an outer jit traces
+            grid_array = jnp.asarray(solver_grid)
+    built = entry(schedule, grid_array, **solver_options)
     return built, solver_grid, bool(final_zero or denoise_to_zero)
 
 

@@ -46,3 +46,22 @@ def test_bad_specs():
         USFSpec(**{**spec.__dict__, "order": (3,) * 6, "deriv_order": (2,) * 6}).validate()
     with pytest.raises(ValueError, match="relax"):
         USFSpec(**{**spec.__dict__, "relax": ("bh3",) * 6}).validate()
+
+
+def test_s3_search_budget_and_files(tmp_path, x64):
+    from dpmjax.oracle import ode_solution
+    from dpmjax.search import s3
+
+    x_T = noise(6, 3)
+    ref = ode_solution(MIX, x_T, SCHEDULE.default_t_start, SCHEDULE.default_t_end, SCHEDULE)
+    with pytest.raises(ValueError, match="budget"):
+        s3.s3_search(MODEL, SCHEDULE, 4, x_T, ref, budget=0)
+    spec, info = s3.s3_search(MODEL, SCHEDULE, 4, x_T, ref, budget=20, allow_afs=False)
+    assert spec.nfe == 4 and info["evaluated"] == 20 and info["best_metric"] <= info["seed_best"]
+    path = tmp_path / "spec.json"
+    s3.save_spec(path, spec, schedule=SCHEDULE, model_id="mix8", metric=info["best_metric"])
+    assert s3.load_spec(path, nfe=4, schedule=SCHEDULE, model_id="mix8") == spec
+    with pytest.raises(ValueError, match="nfe=4, not nfe=5"):
+        s3.load_spec(path, nfe=5, schedule=SCHEDULE, model_id="mix8")
+    with pytest.raises(ValueError, match="model_id"):
+        s3.load_spec(path, nfe=4, schedule=SCHEDULE, model_id="other")

@@ -18,8 +18,7 @@ def noise(batch=4, dtype=jnp.float64):
     return jax.random.normal(jax.random.key(0), (batch, 8), dtype)
 
 
-CASES = [("ts_ddim", "ddim", 6), ("ts_pndm", "pndm", 14), ("ts_s_pndm", "s_pndm", 6),
-         ("ts_dpm_solver", "dpm_solver_2m", 6)]
+CASES = [("ts_ddim", "ddim", 6), ("ts_pndm", "pndm", 13), ("ts_dpm_solver", "dpm_solver_2m", 5)]
 
 
 @pytest.mark.parametrize("ts, base, nfe, off", [c + ({"window": 0},) for c in CASES] + [

@@ -33,8 +33,8 @@ def test_search_lowers_held_out_error_and_files(objective, tmp_path, x64):
     # held-out errors are dominated by the few points that end near a mode boundary: 64 of them
     _, grid, _ = plan(SCHEDULE, "dc_solver", nfe=5, spacing="logSNR")
     x_search, x_held = noise(10, 1), noise(64, 5)
-    targets = dc.model_targets(MODEL, x_search, grid, SCHEDULE, substeps=12)
-    ratios, info = dc.search_dc_ratios(MODEL, x_search, targets, schedule=SCHEDULE, timesteps=grid, num_iters=20,
+    targets = dc.model_targets(MODEL, x_search, grid, SCHEDULE, substeps=8)
+    ratios, info = dc.search_dc_ratios(MODEL, x_search, targets, schedule=SCHEDULE, timesteps=grid, num_iters=10,
                                        objective=objective)
     assert ratios.shape == (5,) and np.all(ratios[:2] == 1.0) and info["seconds"] > 0
     exact = ode_solution(MIX, x_held, float(grid[0]), float(grid[-1]), SCHEDULE)

@@ -200,17 +200,19 @@ def cmd_eval(args) -> int:
     out_dir = args.out_dir or os.path.join(args.workdir, "eval")
     rows, _, _ = quality_table(model_fn, schedule, config, solvers=_parse_list(args.solvers),
                                nfes=_parse_list(args.nfe, int), num=args.num,
-                               ddpm_steps=args.ddpm_steps or None, out_dir=out_dir)
+                               ddpm_steps=args.ddpm_steps or None, out_dir=out_dir, fid_num=args.fid_num)
     _print_table(rows)
     print(f"wrote {out_dir}/quality.csv and quality.png")
     return 0
 
 
 def _print_table(rows):
-    print(f"{'sampler':<26}{'NFE':>6}{'Frechet (classifier)':>22}{'confident > 0.9':>18}{'seconds':>10}")
+    fid = "fid" in rows[0]
+    print(f"{'sampler':<26}{'NFE':>6}{'Frechet (classifier)':>22}{'confident > 0.9':>18}{'seconds':>10}"
+          + (f"{'FID':>10}{'KID':>10}" if fid else ""))
     for r in rows:
         print(f"{r['solver']:<26}{r['nfe']:>6}{r['frechet']:>22.3f}{r['confident_share']:>18.3f}"
-              f"{r['seconds']:>10.1f}")
+              f"{r['seconds']:>10.1f}" + (f"{r['fid']:>10.2f}{r['kid']:>10.4f}" if fid else ""))
 
 
 def cmd_quickstart(args) -> int:
@@ -272,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num", type=int, default=1000)
     e.add_argument("--ddpm-steps", type=int, default=0, help="also 1000-step DDPM etc. (0: skip)")
     e.add_argument("--out-dir", default=None)
+    e.add_argument("--fid-num", type=int, default=0,
+                   help="also FID/KID (Inception, real weights) on this many samples per row (0: skip)")
     e.set_defaults(func=cmd_eval)
     q = sub.add_parser("quickstart", help="the main job: train digits, sample, report quality")
     q.add_argument("--workdir", default="runs/digits")

@@ -38,17 +38,8 @@ def _oracle(name: str):
 
 
 def _schedule(name: str):
-    from dpmjax import schedules
-    if name in ("linear", "scaled_linear", "cosine"):
-        return schedules.DiscreteVP.from_name(name)
-    if name == "linear_vp":
-        return schedules.LinearVP()
-    if name == "cosine_vp":
-        return schedules.CosineVP()
-    if name == "flow":
-        return schedules.FlowMatching()
-    raise ValueError("--schedule must be one of ('linear', 'scaled_linear', 'cosine', 'linear_vp', "
-                     f"'cosine_vp', 'flow'), got {name!r}")
+    from dpmjax.schedules import schedule_from_name
+    return schedule_from_name(name)
 
 
 def cmd_sample(args) -> int:

@@ -24,6 +24,7 @@ from flax import struct
 __all__ = [
     "DiscreteVP", "LinearVP", "CosineVP", "FlowMatching", "SCHEDULES", "SPACINGS",
     "time_grid", "validate_timesteps", "betas_for_name", "lambda_on_host", "t_of_lambda_on_host",
+    "schedule_from_name", "SCHEDULE_NAMES",
 ]
 
 BETA_SCHEDULE_NAMES = ("linear", "scaled_linear", "cosine")
@@ -333,6 +334,18 @@ class FlowMatching(_Schedule):
 
 
 SCHEDULES = {"discrete": DiscreteVP, "linear": LinearVP, "cosine": CosineVP, "flow": FlowMatching}
+SCHEDULE_NAMES = ("linear", "scaled_linear", "cosine", "linear_vp", "cosine_vp", "flow")
+
+
+def schedule_from_name(name: str, num_train_timesteps: int = 1000):
+    """A schedule by config name: diffusers' discrete betas ("linear", "scaled_linear", "cosine") or the
+    continuous "linear_vp", "cosine_vp", "flow"."""
+    if name in BETA_SCHEDULE_NAMES:
+        return DiscreteVP.from_name(name, num_train_timesteps)
+    continuous = {"linear_vp": LinearVP, "cosine_vp": CosineVP, "flow": FlowMatching}
+    if name not in continuous:
+        raise ValueError(f"schedule name must be one of {SCHEDULE_NAMES}, got {name!r}")
+    return continuous[name]()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,17 +26,7 @@ from dpmjax.train.step import make_train_step
 
 
 def build_schedule(config):
-    name = config.schedule.name
-    if name in ("linear", "scaled_linear", "cosine"):
-        return schedules.DiscreteVP.from_name(name, config.schedule.num_train_timesteps)
-    if name == "linear_vp":
-        return schedules.LinearVP()
-    if name == "cosine_vp":
-        return schedules.CosineVP()
-    if name == "flow":
-        return schedules.FlowMatching()
-    raise ValueError(f"config.schedule.name must be one of ('linear', 'scaled_linear', 'cosine', 'linear_vp', "
-                     f"'cosine_vp', 'flow'), got {name!r}")
+    return schedules.schedule_from_name(config.schedule.name, config.schedule.num_train_timesteps)
 
 
 def build_model(config):

@@ -22,7 +22,12 @@ def manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    # Copy to host first: orbax's background threads otherwise slice device arrays, compiling XLA programs
+    # concurrently with the training thread (seen to segfault on CPU with 8 simulated devices). The state is
+    # replicated, so every process holds all of it.
+    host_state = jax.device_get(state)
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host_state),
+                                            meta=ocp.args.JsonSave(meta)))
     mngr.wait_until_finished()
 
 

@@ -88,7 +88,6 @@ def time_grid_logsnr(steps):
     return dpmjax.time_grid(SCHEDULE, steps, "logSNR")
 
 
-@pytest.mark.slow
 def test_order_3_is_third_order_taylor_and_pseudo_order_is_second(x64):
     """Log-log slopes vs the exact ODE solution (LinearVP, t in [1, 0.05], no final-step lowering)."""
     schedule = dpmjax.LinearVP()
@@ -113,7 +112,10 @@ def test_order_3_is_third_order_taylor_and_pseudo_order_is_second(x64):
 # The oracle: v3 with estimated EMS vs DPM-Solver++(3M) and UniPC-3.
 # ---------------------------------------------------------------------------------------------------
 
-def compare_on_oracle(mixture, ems, spacing, nfes, batch=128):
+def compare_on_oracle(mixture, ems, spacing, nfes, batch=512):
+    """RMS errors (v3, dpmpp_3m, unipc-3) per NFE. 512 trajectories: with 128, the RMS of the 8-d mixture at
+    NFE 10 is decided by one trajectory starting near a boundary between modes (v3: 0.66 there, median 2.3x
+    below dpmpp_3m's), and v3 vs dpmpp_3m flips with the subset."""
     model = mixture.model_fn(SCHEDULE)
     with jax.enable_x64(True):
         x = jax.random.normal(jax.random.key(0), (batch, mixture.dim), jnp.float64)
@@ -160,7 +162,6 @@ def test_ems_converge_as_k_grows():
     assert abs(ref.l[0].mean() - 1.0) < 1e-3 and ref.l[-1].mean() < 0.05
 
 
-@pytest.mark.slow
 def test_sharding_over_the_data_axis_changes_nothing():
     assert len(jax.devices()) == 8
     with jax.enable_x64(True):

@@ -98,14 +98,20 @@ def _cumtrapz(y, x):
 class _EMSIntegrals:
     """Segment integrals on the EMS grid between grid indices (trapezoid rule, as the official code)."""
 
-    def __init__(self, ems: EMS, idx):
+    def __init__(self, ems: EMS):
         self.lam = ems.lambda_grid
         self.l = ems.l
         self.L = _cumtrapz(ems.l, self.lam)
         self.S = _cumtrapz(ems.s, self.lam)
         self.B = _cumtrapz(np.exp(-self.S) * ems.b, self.lam)
-        self.idx = np.asarray(idx)
         self.shape = ems.shape
+        self.idx = None
+
+    def at(self, idx):
+        """The same cumulative integrals, addressed by the grid indices ``idx`` of one time column."""
+        column = object.__new__(_EMSIntegrals)
+        column.__dict__.update(self.__dict__, idx=np.asarray(idx))
+        return column
 
     def one_minus_l(self, p):
         return 1.0 - self.l[self.idx[p]]
@@ -179,7 +185,7 @@ def _column_tables(integrals, lams, alphas, times, *, order, p_pseudo, use_corre
     if lower_order_final:
         p_order = [min(p, steps + tail_steps - i) for i, p in enumerate(p_order)]
     for i in range(steps):
-        point_of = (lambda i_: lambda m: i_ - m)(i)
+        point_of = lambda m, i=i: i - m  # noqa: E731  (position m in the f history -> time point)
         tables["f_coef"][i] = integrals.one_minus_l(i) / alphas[i]
         if use_corrector and i >= 1 and (not half or times[i] <= HALF_T):
             c_order = p_order[i - 1] + int(c_pseudo)
@@ -290,9 +296,10 @@ def make_dpm_solver_v3(schedule, timesteps, *, ems: EMS | None = None, order: in
     per_sample = times.ndim == 2
     columns = range(times.shape[1]) if per_sample else [None]
     built = []
+    cumulative = _EMSIntegrals(ems) if ems is not None else None
     for col in columns:
         pick = (lambda a: a[:, col]) if per_sample else (lambda a: a)
-        integrals = _EMSIntegrals(ems, pick(idx)) if ems is not None else _DegenerateIntegrals(pick(lams))
+        integrals = cumulative.at(pick(idx)) if ems is not None else _DegenerateIntegrals(pick(lams))
         built.append(_column_tables(integrals, pick(lams), pick(alphas), pick(times), order=order,
                                     tail_steps=int(_tail_steps), **flags))
     # Host layout [steps, (width,) batch or 1, *stat_shape]; trailing unit axes are added at trace time.

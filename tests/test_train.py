@@ -29,10 +29,13 @@ def losses(workdir):
 
 
 def params_of(workdir):
+    import orbax.checkpoint as ocp
     mngr = checkpoint.manager(workdir)
-    step = mngr.latest_step()
-    return mngr.restore(step, args=__import__("orbax.checkpoint", fromlist=["args"]).args.Composite(
-        state=__import__("orbax.checkpoint", fromlist=["args"]).args.StandardRestore()))["state"]
+    try:
+        return mngr.restore(mngr.latest_step(),
+                            args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    finally:
+        mngr.close()
 
 
 def test_one_and_eight_devices_give_the_same_loss(tmp_path):

@@ -162,6 +162,7 @@ def train(config, workdir: str, *, num_devices: int | None = None, quiet: bool =
     finally:
         writer.close()
         mngr.wait_until_finished()
+        mngr.close()  # stop orbax's background threads before the caller compiles anything else
     return state
 
 
@@ -186,5 +187,6 @@ def load_for_sampling(workdir: str, *, step: int | None = None, use_ema: bool = 
     template = create_train_state(params, tx, config.seed)
     mngr = checkpoint.manager(workdir)
     state, _ = checkpoint.restore(mngr, template, step)
+    mngr.close()
     chosen = state.ema_params if use_ema else state.params
     return make_model_fn(model, chosen, schedule, y=y), schedule, config

@@ -227,6 +227,13 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def cmd_ems(args) -> int:
+    from dpmjax.ems import compute_ems_for_workdir
+    _, path = compute_ems_for_workdir(args.workdir, num_grid=args.num_grid, num_samples=args.num_samples)
+    print(f"wrote DPM-Solver-v3 statistics to {path}")
+    return 0
+
+
 def cmd_solvers(args) -> int:
     import dpmjax
     for name, entry in sorted(dpmjax.SOLVERS.items()):
@@ -268,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fid-num", type=int, default=0,
                    help="also FID/KID (Inception, real weights) on this many samples per row (0: skip)")
     e.set_defaults(func=cmd_eval)
+    m = sub.add_parser("ems", help="DPM-Solver-v3 empirical model statistics of a trained workdir")
+    m.add_argument("--workdir", required=True)
+    m.add_argument("--num-grid", type=int, default=120)
+    m.add_argument("--num-samples", type=int, default=1024)
+    m.set_defaults(func=cmd_ems)
     q = sub.add_parser("quickstart", help="the main job: train digits, sample, report quality")
     q.add_argument("--workdir", default="runs/digits")
     q.add_argument("--num", type=int, default=1000)

@@ -28,6 +28,7 @@ setup(
         "tqdm>=4.66,<5",
         "numpy>=1.26,<3",
         "scipy>=1.12,<2",
+        "safetensors>=0.4,<1",  # reads diffusers checkpoints (numpy API, no torch): dpmjax convert
     ],
     extras_require={
         # torch 2.13.0 CPU and diffusers are the parity oracles (diffusers' PyTorch schedulers).

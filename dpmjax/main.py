@@ -12,6 +12,9 @@
     dpmjax eval --workdir DIR --solvers a,b --nfe 5,10,20 [--num M]           (CSV + plot)
     dpmjax solvers
         List the registered solvers and their options.
+    dpmjax convert --from-diffusers DIR --out DIR [--scheduler-config FILE] [--overwrite]
+        Convert a diffusers UNet2DModel folder (e.g. google/ddpm-cifar10-32) into a dpmjax checkpoint folder
+        that ``sample`` / ``eval --workdir`` and ``load_for_sampling`` read.
 """
 from __future__ import annotations
 
@@ -174,7 +177,7 @@ def cmd_sample_workdir(args) -> int:
     model_fn, schedule, config = load_for_sampling(args.workdir)
     solver, nfe = args.solvers.split(",")[0], int(args.nfe.split(",")[0])
     images = generate(model_fn, schedule, tuple(config.data.image_shape), solver=solver, nfe=nfe, num=args.num,
-                      seed=args.seed, spacing=args.spacing)
+                      seed=args.seed, spacing=args.spacing, prediction=str(config.train.get("target", "eps")))
     out = args.out or os.path.join(args.workdir, f"samples_{solver}_nfe{nfe}.npz")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     np.savez(out, images=images, solver=solver, nfe=nfe)
@@ -234,6 +237,20 @@ def cmd_ems(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from dpmjax.metrics.weights import UnsafeCheckpointError
+    from dpmjax.train.convert import convert_diffusers
+
+    try:
+        out = convert_diffusers(args.from_diffusers, args.out, scheduler_config=args.scheduler_config,
+                                image_size=args.image_size, overwrite=args.overwrite)
+    except UnsafeCheckpointError as err:
+        print(f"dpmjax: error: refusing to load {args.from_diffusers}: {err}", file=sys.stderr)
+        return 2
+    print(f"sample it with: dpmjax sample --workdir {out} --solver dpmpp_2m --nfe 10 --num 64")
+    return 0
+
+
 def cmd_solvers(args) -> int:
     import dpmjax
     for name, entry in sorted(dpmjax.SOLVERS.items()):
@@ -280,6 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--num-grid", type=int, default=120)
     m.add_argument("--num-samples", type=int, default=1024)
     m.set_defaults(func=cmd_ems)
+    c = sub.add_parser("convert", help="convert a diffusers UNet2DModel folder into a dpmjax checkpoint folder")
+    c.add_argument("--from-diffusers", required=True, metavar="DIR",
+                   help="pipeline folder (unet/, scheduler/) or model folder (config.json + weights)")
+    c.add_argument("--out", required=True, metavar="DIR", help="folder to create (written atomically)")
+    c.add_argument("--scheduler-config", default=None, metavar="FILE",
+                   help="scheduler_config.json (default: found beside the UNet, else DDPMScheduler's defaults)")
+    c.add_argument("--image-size", type=int, default=None, help="sample size when config.json has none")
+    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    c.set_defaults(func=cmd_convert)
     q = sub.add_parser("quickstart", help="the main job: train digits, sample, report quality")
     q.add_argument("--workdir", default="runs/digits")
     q.add_argument("--num", type=int, default=1000)

@@ -26,6 +26,8 @@ from dpmjax.train.step import make_train_step
 
 
 def build_schedule(config):
+    if config.schedule.get("betas") is not None:  # converted diffusers checkpoints keep their exact betas
+        return schedules.DiscreteVP.from_betas(config.schedule.betas)
     return schedules.schedule_from_name(config.schedule.name, config.schedule.num_train_timesteps)
 
 
@@ -39,7 +41,10 @@ def build_model(config):
         return dnn.UNet(**kwargs)
     if kind == "dit":
         return dnn.DiT(**kwargs)
-    raise ValueError(f"config.model.kind must be 'unet' or 'dit', got {kind!r}")
+    if kind == "diffusers_unet":  # `dpmjax convert --from-diffusers` (dpmjax.train.convert)
+        from dpmjax.nn.diffusers_unet import DiffusersUNet2D
+        return DiffusersUNet2D.from_config(kwargs)
+    raise ValueError(f"config.model.kind must be 'unet', 'dit' or 'diffusers_unet', got {kind!r}")
 
 
 def build_data(config, split: str = "train"):
@@ -167,10 +172,18 @@ def train(config, workdir: str, *, num_devices: int | None = None, quiet: bool =
 
 
 def load_for_sampling(workdir: str, *, step: int | None = None, use_ema: bool = True, y=None):
-    """(model_fn(x, t), schedule, config) from a trained workdir, with EMA params by default."""
-    import ml_collections
-
+    """(model_fn(x, t), schedule, config) from a trained workdir, with EMA params by default, or from a folder
+    written by ``dpmjax convert``. ``config.train.target`` is what model_fn predicts."""
     from dpmjax.nn import make_model_fn
+
+    model, variables, schedule, config = load_params(workdir, step=step, use_ema=use_ema)
+    return make_model_fn(model, variables, schedule, y=y), schedule, config
+
+
+def load_params(workdir: str, *, step: int | None = None, use_ema: bool = True):
+    """(model, variables, schedule, config) of a trained workdir (EMA params by default) or of a folder written
+    by ``dpmjax convert`` (its only params), for callers that jit with the params as an argument."""
+    import ml_collections
 
     workdir = os.path.abspath(workdir)
     path = os.path.join(workdir, "config.json")
@@ -182,11 +195,15 @@ def load_for_sampling(workdir: str, *, step: int | None = None, use_ema: bool = 
     schedule = build_schedule(config)
     model = build_model(config)
     shape = tuple(config.data.image_shape)
+    mngr = checkpoint.manager(workdir)
+    if config.get("pretrained") is not None:  # converted weights: {"params": ...} only (no optimizer, no EMA)
+        template = {"params": jax.eval_shape(lambda: init_params(model, config, shape))["params"]}
+        state, _ = checkpoint.restore(mngr, template, step)
+        mngr.close()
+        return model, state, schedule, config
     params = init_params(model, config, shape)
     tx = optim.make_optimizer(total_steps=config.train.num_steps, **dict(config.optim))
     template = create_train_state(params, tx, config.seed)
-    mngr = checkpoint.manager(workdir)
     state, _ = checkpoint.restore(mngr, template, step)
     mngr.close()
-    chosen = state.ema_params if use_ema else state.params
-    return make_model_fn(model, chosen, schedule, y=y), schedule, config
+    return model, state.ema_params if use_ema else state.params, schedule, config

@@ -32,9 +32,10 @@ import math
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dpmjax.nn.layers import dot_product_attention
 
 __all__ = ["DiffusersUNet2D", "UnsupportedConfigError", "UNET2D_DEFAULTS", "timestep_embedding_diffusers"]
 
@@ -165,9 +166,7 @@ class Attention(nn.Module):
         inner = self.heads * self.head_dim
         q, k, v = (nn.Dense(inner, name=name, **kw)(h).reshape(batch, -1, self.heads, self.head_dim)
                    for name in ("to_q", "to_k", "to_v"))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(self.head_dim)
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, height * width, inner)
+        out = dot_product_attention(q, k, v).reshape(batch, height * width, inner)
         out = nn.Dense(channels, name="to_out_0", **kw)(out).reshape(batch, height, width, channels)
         return (out + x) / self.rescale_output_factor
 

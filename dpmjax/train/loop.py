@@ -195,15 +195,17 @@ def load_params(workdir: str, *, step: int | None = None, use_ema: bool = True):
     schedule = build_schedule(config)
     model = build_model(config)
     shape = tuple(config.data.image_shape)
-    mngr = checkpoint.manager(workdir)
-    if config.get("pretrained") is not None:  # converted weights: {"params": ...} only (no optimizer, no EMA)
+    pretrained = config.get("pretrained") is not None  # converted weights: {"params": ...} only
+    if pretrained:
         template = {"params": jax.eval_shape(lambda: init_params(model, config, shape))["params"]}
+    else:
+        tx = optim.make_optimizer(total_steps=config.train.num_steps, **dict(config.optim))
+        template = create_train_state(init_params(model, config, shape), tx, config.seed)
+    mngr = checkpoint.manager(workdir)
+    try:
         state, _ = checkpoint.restore(mngr, template, step)
+    finally:
         mngr.close()
+    if pretrained:
         return model, state, schedule, config
-    params = init_params(model, config, shape)
-    tx = optim.make_optimizer(total_steps=config.train.num_steps, **dict(config.optim))
-    template = create_train_state(params, tx, config.seed)
-    state, _ = checkpoint.restore(mngr, template, step)
-    mngr.close()
     return model, state.ema_params if use_ema else state.params, schedule, config

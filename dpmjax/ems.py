@@ -38,9 +38,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dpmjax import parameterization
+from dpmjax.sharding import data_sharding, make_mesh
 
 __all__ = ["EMS", "compute_ems", "compute_ems_for_workdir", "load_ems", "describe_schedule", "ems_grid", "schedule_at", "lambda_derivative"]
 
@@ -400,12 +400,12 @@ def compute_ems(model_fn: Callable, schedule, data, *, t_start: float | None = N
     num, shape = data.shape[0], data.shape[1:]
     batches = [(lo, min(lo + batch_size, num)) for lo in range(0, num, batch_size)]
     devices = jax.devices()
-    mesh = Mesh(np.array(devices), ("data",)) if len(devices) > 1 else None
+    mesh = make_mesh() if len(devices) > 1 else None
 
     def put(x0):
         use = (mesh is not None) if shard is None else bool(shard and mesh is not None)
         if use and x0.shape[0] % len(devices) == 0:
-            return jax.device_put(x0, NamedSharding(mesh, PartitionSpec("data")))
+            return jax.device_put(x0, data_sharding(mesh))
         return jnp.asarray(x0)
 
     l_batch = functools.partial(_l_batch, model_fn=model_fn, prediction=prediction, num_probes=num_probes)
@@ -466,7 +466,7 @@ def compute_ems_for_workdir(workdir: str, *, num_grid: int = 120, num_samples: i
     import os
 
     from dpmjax.data import get_dataset
-    from dpmjax.train.loop import load_for_sampling
+    from dpmjax.workdir import load_for_sampling
 
     model_fn, schedule, config = load_for_sampling(workdir, step=step)
     source = get_dataset(config.data.name, "train")

@@ -99,65 +99,8 @@ def cmd_sample(args) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------------------------
-# Configs: python files returning a locked ml_collections.ConfigDict, with --config.a.b=value overrides.
-# ------------------------------------------------------------------------------------------------
-
-def configs_dir() -> str:
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-
-
-def load_config(spec: str, overrides=()):
-    """``path/to/config.py[:arg]`` -> ConfigDict, then apply ``--config.key=value`` overrides."""
-    import ast
-    import difflib
-    import importlib.util
-
-    path, _, arg = spec.partition(":")
-    if not os.path.exists(path) and os.path.exists(os.path.join(configs_dir(), os.path.basename(path))):
-        path = os.path.join(configs_dir(), os.path.basename(path))
-    if not os.path.exists(path):
-        raise ValueError(f"--config: no config file {path!r} (configs live in {configs_dir()})")
-    module_spec = importlib.util.spec_from_file_location("dpmjax_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(arg or None)
-    for item in overrides:
-        if not item.startswith("--config.") or "=" not in item:
-            raise ValueError(f"unrecognised argument {item!r} (overrides look like --config.train.num_steps=100)")
-        dotted, _, text = item[len("--config."):].partition("=")
-        node, parts = config, dotted.split(".")
-        for depth, part in enumerate(parts):
-            keys = list(node.keys()) if hasattr(node, "keys") else []
-            if part not in keys:
-                near = difflib.get_close_matches(part, keys, n=1)
-                hint = f"; did you mean {'.'.join(parts[:depth] + near)!r}?" if near else ""
-                raise ValueError(f"config has no key {dotted!r}{hint} (valid here: {sorted(keys)})")
-            if depth < len(parts) - 1:
-                node = node[part]
-        current = node[parts[-1]]
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        if isinstance(current, float) and isinstance(value, int):
-            value = float(value)
-        if isinstance(current, tuple) and isinstance(value, list):
-            value = tuple(value)
-        with config.unlocked() if hasattr(config, "unlocked") else _null():
-            node[parts[-1]] = value
-    return config
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def cmd_train(args, extra) -> int:
+    from dpmjax.config import load_config
     from dpmjax.train.loop import train
     config = load_config(args.config, extra)
     if args.multihost:
@@ -172,7 +115,7 @@ def cmd_sample_workdir(args) -> int:
     import numpy as np
 
     from dpmjax.metrics.report import generate, image_grid
-    from dpmjax.train.loop import load_for_sampling
+    from dpmjax.workdir import load_for_sampling
 
     model_fn, schedule, config = load_for_sampling(args.workdir)
     solver, nfe = args.solvers.split(",")[0], int(args.nfe.split(",")[0])
@@ -188,7 +131,7 @@ def cmd_sample_workdir(args) -> int:
 
 def cmd_eval(args) -> int:
     from dpmjax.metrics.report import quality_table
-    from dpmjax.train.loop import load_for_sampling
+    from dpmjax.workdir import load_for_sampling
 
     model_fn, schedule, config = load_for_sampling(args.workdir)
     out_dir = args.out_dir or os.path.join(args.workdir, "eval")
@@ -210,8 +153,10 @@ def _print_table(rows):
 
 
 def cmd_quickstart(args) -> int:
+    from dpmjax.config import configs_dir, load_config
     from dpmjax.metrics.report import image_grid, quality_table
-    from dpmjax.train.loop import load_for_sampling, train
+    from dpmjax.train.loop import train
+    from dpmjax.workdir import load_for_sampling
 
     start = time.perf_counter()
     config = load_config(os.path.join(configs_dir(), "digits.py"))

@@ -24,7 +24,7 @@ from flax import struct
 __all__ = [
     "DiscreteVP", "LinearVP", "CosineVP", "FlowMatching", "SCHEDULES", "SPACINGS",
     "time_grid", "validate_timesteps", "betas_for_name", "lambda_on_host", "t_of_lambda_on_host",
-    "schedule_from_name", "SCHEDULE_NAMES",
+    "schedule_from_name", "schedule_from_config", "SCHEDULE_NAMES",
 ]
 
 BETA_SCHEDULE_NAMES = ("linear", "scaled_linear", "cosine")
@@ -346,6 +346,14 @@ def schedule_from_name(name: str, num_train_timesteps: int = 1000):
     if name not in continuous:
         raise ValueError(f"schedule name must be one of {SCHEDULE_NAMES}, got {name!r}")
     return continuous[name]()
+
+
+def schedule_from_config(schedule_config):
+    """The schedule of a config's ``schedule`` section: ``name`` + ``num_train_timesteps``, or exact ``betas``
+    (folders written by ``dpmjax convert`` keep the diffusers checkpoint's betas)."""
+    if schedule_config.get("betas") is not None:
+        return DiscreteVP.from_betas(schedule_config["betas"])
+    return schedule_from_name(schedule_config["name"], schedule_config.get("num_train_timesteps", 1000))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dpmjax  # noqa: E402
 from dpmjax.nn import make_model_fn  # noqa: E402
 from dpmjax.train.convert import convert_diffusers  # noqa: E402
-from dpmjax.train.loop import load_params  # noqa: E402
+from dpmjax.workdir import load_params  # noqa: E402
 
 SCHEDULER = {"_class_name": "DDPMScheduler", "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001,
              "clip_sample": True, "num_train_timesteps": 1000, "trained_betas": None, "variance_type": "fixed_small"}

@@ -105,7 +105,7 @@ def run_digits(args):
     from dpmjax.data import get_dataset
     from dpmjax.metrics.domain import domain_metric
     from dpmjax.metrics.report import generate
-    from dpmjax.train.loop import load_for_sampling
+    from dpmjax.workdir import load_for_sampling
 
     model_fn, schedule, config = load_for_sampling(args.digits)
     shape = tuple(config.data.image_shape)

@@ -32,11 +32,13 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dpmjax  # noqa: E402
-from dpmjax.main import configs_dir, load_config  # noqa: E402
+from dpmjax.config import configs_dir, load_config  # noqa: E402
 from dpmjax.metrics import fid, load_inception_params  # noqa: E402
 from dpmjax.nn import make_model_fn  # noqa: E402
-from dpmjax.train.loop import build_model, build_schedule, init_params, load_params  # noqa: E402
-from dpmjax.train.mesh import data_sharding, make_mesh, replicated  # noqa: E402
+from dpmjax.nn import build_model, init_params  # noqa: E402
+from dpmjax.schedules import schedule_from_config  # noqa: E402
+from dpmjax.workdir import load_params  # noqa: E402
+from dpmjax.sharding import data_sharding, make_mesh, replicated  # noqa: E402
 
 # Published CIFAR-10 FIDs (50k samples) with the source of each; all for ScoreSDE models, see the docstring.
 PAPER_FID = [
@@ -66,9 +68,9 @@ def build(args, config):
             raise SystemExit("--model converted needs --workdir (a folder written by `dpmjax convert`)")
         model, variables, schedule, loaded = load_params(args.workdir)
         return model, variables, schedule, str(loaded.train.target), tuple(loaded.data.image_shape)
-    model = build_model(config)
+    model = build_model(config.model)
     shape = tuple(config.data.image_shape)
-    return model, init_params(model, config, shape), build_schedule(config), str(config.train.target), shape
+    return model, init_params(model, shape, config.seed), schedule_from_config(config.schedule), str(config.train.target), shape
 
 
 def make_sharded_sampler(model, schedule, mesh, *, solver, nfe, spacing, final_sigma, prediction):

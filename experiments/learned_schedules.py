@@ -58,7 +58,7 @@ TRAINED = {
 
 
 def trained_config(name: str):
-    from dpmjax.main import load_config
+    from dpmjax.config import load_config
 
     if name not in TRAINED:
         raise ValueError(f"model must be one of {tuple(TRAINED)}, got {name!r}")
@@ -162,7 +162,7 @@ def trained_problem(args) -> Problem:
     from dpmjax.data import get_dataset
     from dpmjax.metrics.domain import domain_metric
     from dpmjax.metrics.fid import frechet_distance, statistics_from_features
-    from dpmjax.train.loop import load_for_sampling
+    from dpmjax.workdir import load_for_sampling
 
     workdir = trained_workdir(args.model)
     model, schedule, config = load_for_sampling(workdir, step=TRAINED[args.model][2])

@@ -264,16 +264,18 @@ def jax_step_fn(config):
     import jax.numpy as jnp
     import numpy as np
 
+    from dpmjax.nn import build_model, init_params
+    from dpmjax.schedules import schedule_from_config
+    from dpmjax.sharding import make_mesh, replicated
     from dpmjax.train import loop, optim
-    from dpmjax.train.mesh import make_mesh, replicated
     from dpmjax.train.state import create_train_state
     from dpmjax.train.step import make_train_step
 
     shape = tuple(config.data.image_shape)
     mesh = make_mesh(1)
-    schedule = loop.build_schedule(config)
-    model = loop.build_model(config)
-    params = loop.init_params(model, config, shape)
+    schedule = schedule_from_config(config.schedule)
+    model = build_model(config.model)
+    params = init_params(model, shape, config.seed)
     nparams = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     tx = optim.make_optimizer(total_steps=config.train.num_steps, **dict(config.optim))
     state = jax.device_put(create_train_state(params, tx, config.seed), replicated(mesh))

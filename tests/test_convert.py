@@ -23,7 +23,7 @@ from dpmjax.main import main  # noqa: E402
 from dpmjax.metrics.weights import UnsafeCheckpointError  # noqa: E402
 from dpmjax.nn.diffusers_unet import UNET2D_DEFAULTS, UnsupportedConfigError  # noqa: E402
 from dpmjax.train.convert import ConversionError, convert_diffusers, schedule_from_diffusers  # noqa: E402
-from dpmjax.train.loop import load_for_sampling  # noqa: E402
+from dpmjax.workdir import load_for_sampling  # noqa: E402
 
 # google/ddpm-cifar10-32's config.json (diffusers 0.0.4 era: keys added later take today's defaults), with
 # block_out_channels (128, 256, 256, 256) shrunk 4x.

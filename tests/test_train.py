@@ -7,9 +7,12 @@ import jax
 import numpy as np
 import pytest
 
-from dpmjax.main import configs_dir, load_config
+from dpmjax.config import configs_dir, load_config
 from dpmjax.train import checkpoint
-from dpmjax.train.loop import build_model, build_schedule, init_params, load_for_sampling, train
+from dpmjax.nn import build_model, init_params
+from dpmjax.schedules import schedule_from_config
+from dpmjax.train.loop import train
+from dpmjax.workdir import load_for_sampling
 
 
 def tiny_config(**train_overrides):
@@ -74,9 +77,9 @@ def test_a_tiny_run_lowers_the_loss_and_samples(tmp_path):
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(configs_dir(), "*.py"))))
 def test_every_config_builds(path):
     config = load_config(path)
-    model = build_model(config)
-    build_schedule(config)
-    params = init_params(model, config, tuple(config.data.image_shape))
+    model = build_model(config.model)
+    schedule_from_config(config.schedule)
+    params = init_params(model, tuple(config.data.image_shape), config.seed)
     x = np.zeros((2,) + tuple(config.data.image_shape), np.float32)
     y = np.zeros((2,), np.int32) if config.model.get("num_classes") else None
     out = model.apply(params, x, np.zeros((2,), np.float32), y=y)

@@ -18,10 +18,40 @@ from dpmjax.nn.classifier import Classifier
 from dpmjax.nn.dit import DiT
 from dpmjax.nn.layers import drop_labels, timestep_embedding
 from dpmjax.nn.unet import UNet
-from dpmjax.parameterization import classifier_free_guidance
+from dpmjax.parameterization import classifier_free_guidance, expand_like
 
 __all__ = ["UNet", "DiT", "Classifier", "drop_labels", "timestep_embedding", "count_params", "describe",
-           "init_variables", "network_time", "make_model_fn", "make_cfg_model_fn"]
+           "init_variables", "network_time", "make_model_fn", "make_cfg_model_fn", "make_apply_fn",
+           "make_cfg_apply_fn", "build_model", "init_params", "MODEL_KINDS"]
+
+MODEL_KINDS = ("unet", "dit", "diffusers_unet")
+
+
+def build_model(model_config):
+    """The Flax module of a config's ``model`` section (``kind`` plus the module's fields; ``bfloat16`` sets
+    the compute dtype)."""
+    kwargs = dict(model_config)
+    kind = kwargs.pop("kind", None)
+    kwargs["dtype"] = jnp.bfloat16 if kwargs.pop("bfloat16", False) else jnp.float32
+    if kind == "unet":
+        return UNet(**kwargs)
+    if kind == "dit":
+        return DiT(**kwargs)
+    if kind == "diffusers_unet":  # `dpmjax convert --from-diffusers` (dpmjax.train.convert)
+        from dpmjax.nn.diffusers_unet import DiffusersUNet2D
+        return DiffusersUNet2D.from_config(kwargs)
+    raise ValueError(f"config.model.kind must be one of {MODEL_KINDS}, got {kind!r}")
+
+
+def init_params(model, image_shape, seed: int):
+    """``model.init`` variables for images of ``image_shape`` [H, W, C] (labels when the model has classes).
+
+    rbg keys compile ``model.init`` several times faster than threefry on CPU (init only; training keys use
+    the default implementation).
+    """
+    x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+    y = jnp.zeros((1,), jnp.int32) if getattr(model, "num_classes", None) else None
+    return jax.jit(model.init)(jax.random.key(seed, impl="rbg"), x, jnp.zeros((1,)), y=y)
 
 
 def count_params(params) -> int:
@@ -88,6 +118,41 @@ def network_time(schedule, t):
 
 def _labels(y, batch):
     return None if y is None else jnp.broadcast_to(jnp.asarray(y), (batch,))
+
+
+def make_apply_fn(module, schedule) -> Callable:
+    """``apply_fn(params, x, t, **cond)``: the params-as-arguments model contract of samplers, adjoint and methods.
+
+    ``t`` [B] is continuous time of ``schedule`` (fed to the network as ``network_time(schedule, t)``);
+    ``params`` the variables ``{"params": ...}`` or the params tree alone; ``cond`` per-sample conditioning
+    (``y`` [B] class labels, ``context`` [B, L, D]); train=False.
+    """
+    def apply_fn(params, x, t, **cond):
+        return module.apply(_as_variables(params), x, network_time(schedule, t), train=False, **cond)
+
+    return apply_fn
+
+
+def make_cfg_apply_fn(module, schedule, guidance_scale, *, num_classes: int | None = None) -> Callable:
+    """Classifier-free guided ``apply_fn(params, x, t, y)``: out_u + s (out_c - out_u) (Ho & Salimans 2022,
+    eq. 6), both halves as one batch of 2B (one NFE); the unconditional half uses the null class
+    ``num_classes`` (default ``module.num_classes``). ``guidance_scale`` may be a Python float or a traced
+    scalar / [B] array (then one compiled program serves every scale)."""
+    null_label = module.num_classes if num_classes is None else num_classes
+    if null_label is None:
+        raise ValueError("make_cfg_apply_fn needs a class-conditional module (num_classes set) or num_classes=")
+
+    def apply_fn(params, x, t, y):
+        batch = x.shape[0]
+        labels = _labels(y, batch)
+        both = module.apply(_as_variables(params), jnp.concatenate([x, x]),
+                            network_time(schedule, jnp.concatenate([t, t])),
+                            y=jnp.concatenate([jnp.full_like(labels, null_label), labels]), train=False)
+        out_u, out_c = both[:batch], both[batch:]
+        scale = jnp.asarray(guidance_scale, out_u.dtype)
+        return out_u + expand_like(scale, out_u) * (out_c - out_u)
+
+    return apply_fn
 
 
 def make_model_fn(module, params, schedule, y=None, context=None) -> Callable:

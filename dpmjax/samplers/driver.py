@@ -23,7 +23,7 @@ from dpmjax import parameterization
 from dpmjax.samplers.base import SOLVERS, ModelEval, Solver, at_time, expand_like
 from dpmjax.schedules import time_grid, validate_timesteps
 
-__all__ = ["sample", "make_sampler", "plan"]
+__all__ = ["sample", "make_sampler", "make_param_sampler", "plan"]
 
 FINAL_SIGMAS = ("t_end", "zero")
 
@@ -233,3 +233,79 @@ def make_sampler(model_fn: Callable, *, schedule, solver: str, **kwargs) -> Call
 
 _SAMPLE_ONLY = ("prediction", "return_trajectory", "thresholding", "threshold_ratio", "threshold_max",
                 "check_nan", "remat")
+
+
+def make_param_sampler(apply_fn: Callable, *, schedule, solver: str, nfe: int | None = None, timesteps=None,
+                       mesh=None, params_sharding=None, batch_size: int | None = None, **kwargs):
+    """The params-as-arguments sampler: ``sampler(params, x_T, key=None, *, timesteps=None, **cond) -> x_0``.
+
+    ``apply_fn(params, x [B, ...], t [B], **cond) -> prediction`` is the model contract shared with training and
+    the methods (``dpmjax.nn.make_apply_fn``). One jitted program per (batch shape, grid length): a new
+    checkpoint, an EMA swap, or another ``timesteps`` grid of the same length runs without recompiling.
+
+    Args:
+      mesh: a ``jax.sharding.Mesh`` with a "data" axis (``dpmjax.sharding.make_mesh``): x_T, cond and the output
+        are split over it, params placed by ``params_sharding`` (default replicated).
+      batch_size: the compiled batch; a larger x_T runs in chunks of it, a smaller (or the last partial) chunk
+        is padded and sliced. Default: the batch of x_T, padded to a multiple of the data axis.
+      kwargs: those of ``sample`` (prediction, spacing, final_sigma, solver options, check_nan, ...).
+    """
+    from dpmjax import sharding
+
+    built, grid, _ = plan(schedule, solver, nfe=nfe, timesteps=timesteps,
+                          **{k: v for k, v in kwargs.items() if k not in _SAMPLE_ONLY})
+    default_grid = np.asarray(timesteps if timesteps is not None else _full_grid(schedule, solver, nfe, kwargs))
+    needs_key = _solver_entry(solver).stochastic and _needs_key(solver, kwargs)
+    shards = 1 if mesh is None else sharding.data_axis_size(mesh)
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1 or batch_size % shards):
+        raise ValueError(f"batch_size must be a positive multiple of the mesh's data axis ({shards}), "
+                         f"got {batch_size!r}")
+
+    def run(params, x_T, key, grid, cond):
+        def model_fn(x, t):
+            return apply_fn(params, x, t, **cond)
+        return sample(model_fn, x_T, schedule=schedule, solver=solver, timesteps=grid, key=key, **kwargs)
+
+    if mesh is None:
+        jitted = jax.jit(run)
+    else:
+        data, repl = sharding.data_sharding(mesh), sharding.replicated(mesh)
+        jitted = jax.jit(run, in_shardings=(params_sharding or repl, data, repl, repl, data), out_shardings=data)
+
+    def sampler(params, x_T, key=None, *, timesteps=None, **cond):
+        if needs_key and key is None:
+            raise ValueError(f"solver {solver!r} is stochastic: pass key=jax.random.key(seed)")
+        grid = default_grid if timesteps is None else np.asarray(timesteps)
+        if grid.shape[0] != default_grid.shape[0]:
+            raise ValueError(f"timesteps: this sampler was built for {default_grid.shape[0]} time points, got "
+                             f"{grid.shape[0]} (build another sampler for another grid length)")
+        x_T = jnp.asarray(x_T)
+        total = x_T.shape[0]
+        chunk = batch_size or -(-total // shards) * shards
+        key = jax.random.key(0) if key is None else key
+        out = []
+        for c, start in enumerate(range(0, total, chunk)):
+            size = min(chunk, total - start)
+            part = [sharding.pad_to_multiple(v[start:start + size], chunk)[0] for v in (x_T,)]
+            part_cond = {k: sharding.pad_to_multiple(jnp.asarray(v)[start:start + size], chunk)[0]
+                         for k, v in cond.items()}
+            chunk_key = key if c == 0 else jax.random.fold_in(key, c)
+            out.append(jitted(params, part[0], chunk_key, grid, part_cond)[:size])
+        return out[0] if len(out) == 1 else jnp.concatenate(out)
+
+    sampler.jitted = jitted
+    return sampler
+
+
+def _full_grid(schedule, solver, nfe, kwargs):
+    """The grid ``sample`` builds for ``nfe`` (final sigma = 0 end included), to pass back as ``timesteps``."""
+    options = {k: v for k, v in kwargs.items() if k not in _SAMPLE_ONLY}
+    entry = _solver_entry(solver)
+    final_sigma = options.pop("final_sigma", "t_end")
+    extra = int(final_sigma == "zero" or options.pop("denoise_to_zero", False))
+    spacing = options.pop("spacing", "time_uniform")
+    t_start, t_end = options.pop("t_start", None), options.pop("t_end", None)
+    steps = entry.steps_for_nfe(nfe - extra, **options)
+    builder = entry.grid or (lambda sch, n, sp, ts, te, **_: time_grid(sch, n, sp, t_start=ts, t_end=te))
+    grid = builder(schedule, steps + int(final_sigma == "zero"), spacing, t_start, t_end, **options)
+    return grid

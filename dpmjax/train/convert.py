@@ -1,7 +1,7 @@
 """Convert a diffusers ``UNet2DModel`` folder (weights + scheduler config) into a dpmjax checkpoint folder.
 
     dpmjax convert --from-diffusers ddpm-cifar10-32 --out runs/ddpm_cifar10
-    model_fn, schedule, config = dpmjax.train.loop.load_for_sampling("runs/ddpm_cifar10")
+    model_fn, schedule, config = dpmjax.workdir.load_for_sampling("runs/ddpm_cifar10")
     x0 = dpmjax.sample(model_fn, x_T, schedule=schedule, solver="dpmpp_2m", nfe=10,
                        prediction=config.train.target)
 

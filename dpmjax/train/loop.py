@@ -1,7 +1,8 @@
-"""The training loop: config -> model, data, sharded step, checkpoints, logs; and loading for sampling.
+"""The training loop: config -> model, data, sharded step, checkpoints, logs.
 
     state = train(config, workdir)                        # resumes from workdir's latest checkpoint
-    model_fn, schedule, config = load_for_sampling(workdir)  # EMA params, the sampler contract
+
+Loading a finished workdir for sampling lives in ``dpmjax.workdir``.
 
 Logs go to stdout and ``workdir/metrics.jsonl`` always, and to TensorBoard through clu's metric writers
 when the ``tf`` extra is installed. A non-finite loss stops training with the step number; the last good
@@ -18,47 +19,18 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from dpmjax import schedules
+from dpmjax.nn import build_model, init_params
+from dpmjax.schedules import schedule_from_config
+from dpmjax.sharding import make_mesh, replicated
 from dpmjax.train import checkpoint, optim
-from dpmjax.train.mesh import make_mesh, replicated
 from dpmjax.train.state import TrainState, create_train_state
 from dpmjax.train.step import make_train_step
-
-
-def build_schedule(config):
-    if config.schedule.get("betas") is not None:  # converted diffusers checkpoints keep their exact betas
-        return schedules.DiscreteVP.from_betas(config.schedule.betas)
-    return schedules.schedule_from_name(config.schedule.name, config.schedule.num_train_timesteps)
-
-
-def build_model(config):
-    from dpmjax import nn as dnn
-
-    kwargs = dict(config.model)
-    kind = kwargs.pop("kind")
-    kwargs["dtype"] = jnp.bfloat16 if kwargs.pop("bfloat16", False) else jnp.float32
-    if kind == "unet":
-        return dnn.UNet(**kwargs)
-    if kind == "dit":
-        return dnn.DiT(**kwargs)
-    if kind == "diffusers_unet":  # `dpmjax convert --from-diffusers` (dpmjax.train.convert)
-        from dpmjax.nn.diffusers_unet import DiffusersUNet2D
-        return DiffusersUNet2D.from_config(kwargs)
-    raise ValueError(f"config.model.kind must be 'unet', 'dit' or 'diffusers_unet', got {kind!r}")
 
 
 def build_data(config, split: str = "train"):
     from dpmjax.data import get_dataset
 
     return get_dataset(config.data.name, split, **dict(config.data.get("kwargs", {})))
-
-
-def init_params(model, config, image_shape):
-    x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-    y = jnp.zeros((1,), jnp.int32) if config.model.get("num_classes") else None
-    # rbg keys compile model.init several times faster than threefry on CPU (init only; training keys are
-    # the default implementation)
-    return jax.jit(model.init)(jax.random.key(config.seed, impl="rbg"), x, jnp.zeros((1,)), y=y)
 
 
 def _apply_fn(model, schedule):
@@ -109,10 +81,10 @@ def train(config, workdir: str, *, num_devices: int | None = None, quiet: bool =
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh(num_devices)
-    schedule = build_schedule(config)
-    model = build_model(config)
+    schedule = schedule_from_config(config.schedule)
+    model = build_model(config.model)
     source = build_data(config)
-    params = init_params(model, config, source.image_shape)
+    params = init_params(model, source.image_shape, config.seed)
     t = config.train
     tx = optim.make_optimizer(total_steps=t.num_steps, **dict(config.optim))
     state = jax.device_put(create_train_state(params, tx, config.seed), replicated(mesh))
@@ -169,43 +141,3 @@ def train(config, workdir: str, *, num_devices: int | None = None, quiet: bool =
         mngr.wait_until_finished()
         mngr.close()  # stop orbax's background threads before the caller compiles anything else
     return state
-
-
-def load_for_sampling(workdir: str, *, step: int | None = None, use_ema: bool = True, y=None):
-    """(model_fn(x, t), schedule, config) from a trained workdir, with EMA params by default, or from a folder
-    written by ``dpmjax convert``. ``config.train.target`` is what model_fn predicts."""
-    from dpmjax.nn import make_model_fn
-
-    model, variables, schedule, config = load_params(workdir, step=step, use_ema=use_ema)
-    return make_model_fn(model, variables, schedule, y=y), schedule, config
-
-
-def load_params(workdir: str, *, step: int | None = None, use_ema: bool = True):
-    """(model, variables, schedule, config) of a trained workdir (EMA params by default) or of a folder written
-    by ``dpmjax convert`` (its only params), for callers that jit with the params as an argument."""
-    import ml_collections
-
-    workdir = os.path.abspath(workdir)
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: {workdir} is not a dpmjax training workdir "
-                                "(run `dpmjax train --config ... --workdir ...` first)")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    schedule = build_schedule(config)
-    model = build_model(config)
-    shape = tuple(config.data.image_shape)
-    pretrained = config.get("pretrained") is not None  # converted weights: {"params": ...} only
-    if pretrained:
-        template = {"params": jax.eval_shape(lambda: init_params(model, config, shape))["params"]}
-    else:
-        tx = optim.make_optimizer(total_steps=config.train.num_steps, **dict(config.optim))
-        template = create_train_state(init_params(model, config, shape), tx, config.seed)
-    mngr = checkpoint.manager(workdir)
-    try:
-        state, _ = checkpoint.restore(mngr, template, step)
-    finally:
-        mngr.close()
-    if pretrained:
-        return model, state, schedule, config
-    return model, state.ema_params if use_ema else state.params, schedule, config

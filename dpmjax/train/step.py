@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from dpmjax.train import losses
-from dpmjax.train.mesh import data_sharding, replicated
+from dpmjax.sharding import data_sharding, replicated
 from dpmjax.train.state import TrainState, ema_decay_at, ema_update
 
 

@@ -4,22 +4,27 @@ Needs Debian's dataset-fashion-mnist (``apt-get install dataset-fashion-mnist``:
 /usr/share/datasets/fashion-mnist/).
 
     dpmjax train --config configs/fashion_mnist.py --workdir runs/fashion
+    dpmjax sample --workdir runs/fashion --labels 0,7,9 --guidance-scale 3 --num 96
+    dpmjax train --config configs/fashion_mnist.py:runlocal --workdir /tmp/fashion_smoke   # a few steps
+
+Variants: ``runlocal`` (``configs/common.py``): 16 channels at one level, 10 steps at batch 16.
 """
-import ml_collections
+from . import common
 
 
 def get_config(arg=None):
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.schedule = dict(name="linear", num_train_timesteps=1000)
+    arg = common.parse_arg(arg, runlocal=False)
+    c = common.base()
     # ~300k parameters: 28 -> 14 -> 7, self-attention at 7x7; null class 10 for classifier-free guidance
     c.model = dict(kind="unet", model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(7,),
                    num_heads=4, dropout=0.0, num_groups=8, mid_attention=True, num_classes=10, label_dropout=0.1,
                    bfloat16=False)
     c.data = dict(name="fashion_mnist", image_shape=(28, 28, 1), batch_size=64, random_flip=False)
-    c.optim = dict(learning_rate=1e-3, warmup_steps=200, decay="cosine", weight_decay=0.0, grad_clip=1.0)
-    c.train = dict(num_steps=4000, target="eps", min_snr_gamma=0.0, ema_decay=0.999, log_every=50,
-                   checkpoint_every=500, keep_checkpoints=3)
-    c.sample = dict(solver="dpmpp_2m", nfe=10, spacing="logSNR", num=1000, guidance_scale=2.0)
+    c.optim.update(learning_rate=1e-3, warmup_steps=200, decay="cosine")
+    c.train.update(num_steps=4000, ema_decay=0.999, log_every=50, checkpoint_every=500)
+    c.sample.update(solver="dpmpp_2m", nfe=10, spacing="logSNR", num=1000, guidance_scale=2.0)
+    if arg.runlocal:
+        c.model = common.tiny_unet(num_classes=10, label_dropout=0.1)
+        common.runlocal(c)
     c.lock()
     return c

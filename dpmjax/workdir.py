@@ -2,9 +2,13 @@
 
     model, variables, schedule, config = load_params("runs/digits")        # EMA params by default
     model_fn, schedule, config = load_for_sampling("runs/digits")          # the closure form model_fn(x, t)
+    settings = sample_settings(load_config_of("runs/digits"))            # solver, nfe, spacing, guidance, num
+    ems, path = load_workdir_ems("runs/digits", schedule)                  # newest DPM-Solver-v3 statistics
 
 ``config.train.target`` says what the network predicts ("eps", "x0" or "v"); ``config.sample`` holds the
-workdir's sampling defaults (solver, nfe, spacing, guidance scale).
+workdir's sampling defaults (solver, nfe, spacing, guidance scale, num), ``WORKDIR/ems/*.npz`` the
+DPM-Solver-v3 statistics ``dpmjax ems`` wrote. Everything here except ``load_params`` / ``load_for_sampling``
+reads only small files (no checkpoint is restored), so callers can validate their arguments first.
 """
 from __future__ import annotations
 
@@ -16,7 +20,14 @@ import jax
 from dpmjax.nn import build_model, init_params, make_model_fn
 from dpmjax.schedules import schedule_from_config
 
-__all__ = ["load_config_of", "load_params", "load_for_sampling"]
+__all__ = ["load_config_of", "load_params", "load_for_sampling", "checkpoint_steps", "SAMPLE_DEFAULTS",
+           "sample_settings", "EMS_DIR", "ems_files", "load_workdir_ems", "compute_workdir_ems"]
+
+# Sampling defaults for workdirs whose config.json lacks a ``sample`` section or some of its fields (folders
+# written by ``dpmjax convert``, runs trained before the section existed). The same values as
+# configs/common.py's ``SAMPLE`` (tests/test_config.py checks that they agree).
+SAMPLE_DEFAULTS = dict(solver="dpmpp_2m", nfe=10, spacing="logSNR", guidance_scale=1.0, num=1000)
+EMS_DIR = "ems"
 
 
 def load_config_of(workdir: str):
@@ -25,6 +36,8 @@ def load_config_of(workdir: str):
 
     workdir = os.path.abspath(workdir)
     path = os.path.join(workdir, "config.json")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise FileNotFoundError(f"workdir {workdir} is a file, not a workdir folder")
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"workdir {workdir} does not exist (train one with `dpmjax train --config ... "
                                 "--workdir ...` or convert one with `dpmjax convert`)")
@@ -67,3 +80,83 @@ def load_for_sampling(workdir: str, *, step: int | None = None, use_ema: bool = 
     written by ``dpmjax convert``. ``config.train.target`` is what model_fn predicts."""
     model, variables, schedule, config = load_params(workdir, step=step, use_ema=use_ema)
     return make_model_fn(model, variables, schedule, y=y), schedule, config
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+    """The checkpoint steps on disk (``WORKDIR/checkpoints/<step>``), ascending, without restoring anything.
+
+    Raises FileNotFoundError naming the folder (and the command that fills it) when there is none.
+    """
+    folder = os.path.join(os.path.abspath(workdir), "checkpoints")
+    steps = sorted(int(name) for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+                   if name.isdigit() and os.path.isdir(os.path.join(folder, name)))
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {folder} (train it with `dpmjax train --config ... --workdir "
+                                f"{workdir}` first)")
+    return steps
+
+
+def sample_settings(config) -> dict:
+    """{solver, nfe, spacing, guidance_scale, num}: the workdir's ``config.sample`` over ``SAMPLE_DEFAULTS``."""
+    section = config.get("sample") or {}
+    settings = dict(SAMPLE_DEFAULTS)
+    settings.update({name: section[name] for name in SAMPLE_DEFAULTS if section.get(name) is not None})
+    return settings
+
+
+def ems_files(workdir: str) -> list[str]:
+    """The DPM-Solver-v3 statistics files of a workdir (``WORKDIR/ems/*.npz``), newest first (by mtime)."""
+    folder = os.path.join(os.path.abspath(workdir), EMS_DIR)
+    paths = [os.path.join(folder, name) for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+             if name.endswith(".npz") and os.path.isfile(os.path.join(folder, name))]
+    return sorted(paths, key=lambda p: (os.path.getmtime(p), p), reverse=True)
+
+
+def load_workdir_ems(workdir: str, schedule, path: str | None = None):
+    """(EMS, path) for sampling ``workdir`` with ``dpm_solver_v3``: ``path`` if given, else the newest file of
+    ``ems_files``; checked against ``schedule`` (``dpmjax.ems.load_ems``).
+
+    Raises FileNotFoundError with the command that computes statistics when there are none, ValueError when
+    the file does not fit the schedule.
+    """
+    from dpmjax.ems import load_ems
+
+    if path is None:
+        found = ems_files(workdir)
+        if not found:
+            raise FileNotFoundError(
+                f"no DPM-Solver-v3 statistics in {os.path.join(os.path.abspath(workdir), EMS_DIR)}: compute them "
+                f"with `dpmjax ems --workdir {workdir}` (or pass --ems FILE)")
+        path = found[0]
+    elif not os.path.isfile(path):
+        raise FileNotFoundError(f"EMS file {path} does not exist")
+    return load_ems(path, schedule=schedule), path
+
+
+def compute_workdir_ems(workdir: str, *, num_grid: int = 120, num_samples: int = 1024, t_start: float | None = None,
+                        t_end: float | None = None, step: int | None = None, seed: int = 0, path: str | None = None,
+                        **kwargs):
+    """DPM-Solver-v3 statistics of a trained workdir (EMA weights) from ``num_samples`` training images, saved
+    as ``WORKDIR/ems/ems_N{num_grid}_K{num_samples}.npz`` (or ``path``); returns (EMS, path).
+
+    The call behind ``dpmjax ems``; ``load_workdir_ems`` finds the file again. A class-conditional model is
+    measured unconditionally (the null class), as its unguided ODE. The model identity string records the
+    workdir and step. Other keyword arguments go to ``dpmjax.ems.compute_ems`` (batch_size, num_probes,
+    progress, ...).
+    """
+    import numpy as np
+
+    from dpmjax.data import get_dataset
+    from dpmjax.ems import compute_ems
+
+    model_fn, schedule, config = load_for_sampling(workdir, step=step)
+    source = get_dataset(config.data.name, "train", **dict(config.data.get("kwargs") or {}))
+    order = np.random.default_rng(seed).permutation(len(source))[:num_samples]
+    data = np.asarray(source.get_batch(np.sort(order))["image"], np.float32)
+    ems = compute_ems(model_fn, schedule, data, t_start=t_start, t_end=t_end, num_grid=num_grid,
+                      key=jax.random.key(seed), model_id=f"{os.path.abspath(workdir)}@step={step or 'latest'}",
+                      prediction=str(config.train.get("target", "eps")), **kwargs)
+    path = path or os.path.join(workdir, EMS_DIR, f"ems_N{num_grid}_K{len(data)}.npz")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    ems.save(path)
+    return ems, path

@@ -22,7 +22,6 @@ import datetime
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 
@@ -30,21 +29,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import dpmjax  # noqa: E402
-from dpmjax.nn import make_model_fn  # noqa: E402
-from dpmjax.train.convert import convert_diffusers  # noqa: E402
-from dpmjax.workdir import load_params  # noqa: E402
+import dpmjax
+from dpmjax.config import load_config
+from dpmjax.nn import make_model_fn
+from dpmjax.train.convert import convert_diffusers
+from dpmjax.workdir import load_params
 
 SCHEDULER = {"_class_name": "DDPMScheduler", "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001,
              "clip_sample": True, "num_train_timesteps": 1000, "trained_betas": None, "variance_type": "fixed_small"}
 
 
 def unet_config(small: bool) -> dict:
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
-    from cifar10_ddpm_pretrained import DDPM_CIFAR10_UNET
-    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in DDPM_CIFAR10_UNET.items()}
+    """google/ddpm-cifar10-32's UNet2DModel config: the model section of configs/cifar10_ddpm_pretrained.py
+    without dpmjax's own fields (kind, timestep_scale, bfloat16)."""
+    model = load_config("cifar10_ddpm_pretrained.py").model.to_dict()
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.items()
+              if k not in ("kind", "timestep_scale", "bfloat16")}
     if small:
         config.update(block_out_channels=[32, 64, 64, 64])
     return config

@@ -1,7 +1,7 @@
 """Training throughput of the shipped configs on this CPU, against an equal-size PyTorch anchor.
 
-    /root/venv/bin/python experiments/train_throughput.py            # everything (< 8 min on 2 busy cores)
-    /root/venv/bin/python experiments/train_throughput.py --parts conv,flags
+    python experiments/train_throughput.py            # everything (< 8 min on 2 busy cores)
+    python experiments/train_throughput.py --parts conv,flags
 
 Parts (CSV under results/train_throughput/):
   train  images/s of dpmjax's own jitted train step (build_model / init_params / make_optimizer /
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -53,10 +52,9 @@ def median(xs):
 
 
 def get_config(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    from dpmjax.config import load_config
+
+    return load_config(f"{name}.py")
 
 
 def write_csv(name, rows):
@@ -264,10 +262,10 @@ def jax_step_fn(config):
     import jax.numpy as jnp
     import numpy as np
 
-    from dpmjax.nn import build_model, init_params
+    from dpmjax.nn import build_model, init_params, network_time
     from dpmjax.schedules import schedule_from_config
     from dpmjax.sharding import make_mesh, replicated
-    from dpmjax.train import loop, optim
+    from dpmjax.train import optim
     from dpmjax.train.state import create_train_state
     from dpmjax.train.step import make_train_step
 
@@ -279,18 +277,26 @@ def jax_step_fn(config):
     nparams = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     tx = optim.make_optimizer(total_steps=config.train.num_steps, **dict(config.optim))
     state = jax.device_put(create_train_state(params, tx, config.seed), replicated(mesh))
-    step = make_train_step(loop._apply_fn(model, schedule), tx, schedule, mesh, target=config.train.target,
-                           min_snr_gamma=None, ema_decay=config.train.ema_decay)
+    conditional = config.model.get("num_classes") is not None
+
+    def train_apply_fn(params, x_t, t, y, key):
+        """make_train_step's model contract, as the trainer builds it: train mode, dropout and label-dropout
+        rngs from ``key``, labels only for class-conditional models."""
+        return model.apply(params, x_t, network_time(schedule, t), y=y if conditional else None, train=True,
+                           rngs={"dropout": key})
+
+    step = make_train_step(train_apply_fn, tx, schedule, mesh, target=config.train.target, min_snr_gamma=None,
+                           ema_decay=config.train.ema_decay)
     B = config.data.batch_size
     rng = np.random.default_rng(0)
     batch = {"image": jnp.asarray(rng.uniform(-1, 1, (B,) + shape), jnp.float32)}
     if config.model.get("num_classes"):
         batch["label"] = jnp.asarray(rng.integers(0, 10, (B,)), jnp.int32)
-    holder = {"state": state}
+    holder = {"state": state, "metrics": None}
 
-    def run():
-        holder["state"], metrics = step(holder["state"], batch)
-        jax.block_until_ready(metrics)
+    def run():  # the metrics accumulator is carried on device, as the training loop does
+        holder["state"], holder["metrics"] = step(holder["state"], batch, holder["metrics"])
+        jax.block_until_ready(holder["metrics"])
 
     return run, nparams
 
@@ -491,7 +497,6 @@ def main():
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-step", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    sys.path.insert(0, ROOT)
     if args.child:
         child(args.child, args.child_step)
         return

@@ -221,8 +221,50 @@ def test_missing_fashion_mnist_names_path_and_install_command(tmp_path):
     assert "apt-get install dataset-fashion-mnist" in message
 
 
+def _write_debian_style_fashion_mnist(folder, counts):
+    """Fashion-MNIST's four idx files for ``counts`` = {prefix: N} images, gzipped the way Debian's
+    dataset-fashion-mnist package re-gzipped them (no file name in the gzip header, mtime 0)."""
+    rng = np.random.default_rng(0)
+    written = {}
+    for prefix, count in counts.items():
+        images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+        images[0, 0, :2] = (0, 255)  # both ends of the pixel range
+        labels = (np.arange(count) % 10).astype(np.uint8)
+        for stem, array in ((f"{prefix}-images-idx3-ubyte", images), (f"{prefix}-labels-idx1-ubyte", labels)):
+            with open(os.path.join(folder, stem + ".gz"), "wb") as raw:
+                with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as handle:
+                    handle.write(_idx_bytes(array, 0x08))
+        written[prefix] = (images, labels)
+    return written
+
+
+def test_fashion_mnist_loader_on_a_generated_idx_fixture(tmp_path):
+    """The fashion_mnist loader end to end on a few generated images in the Debian layout, so the loader is
+    tested on every machine (the real files are an optional extra below)."""
+    written = _write_debian_style_fashion_mnist(tmp_path, {"train": 20, "t10k": 10})
+    with open(tmp_path / "train-images-idx3-ubyte.gz", "rb") as f:
+        header = f.read(10)
+    assert header[:2] == b"\x1f\x8b" and not header[3] & 0x08  # gzip without FNAME, as Debian ships them
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images, labels = written[prefix]
+        source = data.get_dataset("fashion_mnist", split, data_dir=str(tmp_path))
+        assert len(source) == len(images) and source.image_shape == (28, 28, 1) and source.num_classes == 10
+        assert source.class_names == idx_lib.FASHION_MNIST_CLASSES and source.class_names[9] == "Ankle boot"
+        assert source.images.dtype == np.float32 and source.labels.dtype == np.int32
+        np.testing.assert_array_equal(source.images[..., 0], images.astype(np.float32) / 127.5 - 1)
+        np.testing.assert_array_equal(source.labels, labels)
+        assert source.images.min() == -1.0 and source.images.max() == 1.0
+    alias = data.get_dataset("fashion-mnist", "train", data_dir=str(tmp_path))
+    np.testing.assert_array_equal(alias.images, data.load_fashion_mnist("train", data_dir=str(tmp_path)).images)
+    batch = next(data.BatchIterator(alias, 8, seed=0))
+    assert batch["image"].shape == (8, 28, 28, 1) and batch["label"].shape == (8,)
+    with pytest.raises(ValueError, match="fashion_mnist split"):
+        data.get_dataset("fashion_mnist", "validation", data_dir=str(tmp_path))
+
+
 @pytest.mark.skipif(not os.path.isdir(FASHION_DIR),
-                    reason=f"{FASHION_DIR} absent: `apt-get install -y dataset-fashion-mnist` provides it")
+                    reason=f"optional extra: {FASHION_DIR} absent (`apt-get install -y dataset-fashion-mnist`); "
+                           "test_fashion_mnist_loader_on_a_generated_idx_fixture covers the loader")
 def test_real_fashion_mnist():
     for split, count in (("train", 60000), ("test", 10000)):
         source = data.get_dataset("fashion_mnist", split)

@@ -63,14 +63,32 @@ def test_golden_elefant_activations(real_params):
 
 @needs_weights
 def test_matches_torchscript_file(real_params):
+    """Compiled as ``fid.inception_features`` compiles it (``inception.compiler_options``: on CPU, XLA's Eigen
+    convolutions instead of YNNPACK's; experiments/fid_speed.py also compares XLA's defaults, ~5e-6 too)."""
     torch = pytest.importorskip("torch")
     x = np.random.default_rng(0).uniform(-1, 1, (2, 299, 299, 3)).astype(np.float32)
-    ours = np.asarray(jax.jit(inception.FIDInceptionV3().apply)(real_params, x))
+    net = jax.jit(inception.FIDInceptionV3().apply, compiler_options=inception.compiler_options())
+    ours = np.asarray(net(real_params, x))
     module = torch.jit.load(WEIGHTS_FILE, map_location="cpu").eval()
     with torch.no_grad():
         ref = module(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).numpy()
-    # float32 summation order over ~1e4-term convolutions; observed ~4e-6 at features of size ~6.
+    # float32 summation order over ~1e4-term convolutions; observed ~5e-6 at features of size ~6.
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_stages_compose_to_the_network():
+    """``STAGES`` / ``InceptionStage`` (used to time the network block by block) chained = ``FIDInceptionV3``, and
+    their params partition the network's."""
+    params = inception.random_params(seed=3)
+    x = np.random.default_rng(1).uniform(-1, 1, (1, 75, 75, 3)).astype(np.float32)
+    h = x
+    for name, keys, _ in inception.STAGES:
+        stage = inception.stage_params(params, name)
+        assert set(stage) == set(keys)
+        h = jax.jit(inception.InceptionStage(name).apply)({"params": stage}, h)
+    full = jax.jit(inception.FIDInceptionV3().apply)(params, x)
+    np.testing.assert_allclose(np.asarray(h).mean(axis=(1, 2)), np.asarray(full), rtol=1e-5, atol=1e-5)
+    assert sorted(k for _, keys, _ in inception.STAGES for k in keys) == sorted(params["params"])
 
 
 @needs_weights

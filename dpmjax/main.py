@@ -309,22 +309,12 @@ class _Sampling:
     # -- samplers --------------------------------------------------------------------------------------
 
     def sampler_kwargs(self, solver: str, nfe: int) -> dict:
-        import numpy as np
+        """``make_param_sampler`` keywords: those of the quality table's rows (``ddpm`` on training steps), plus
+        the statistics of ``dpm_solver_v3``."""
+        from dpmjax.metrics.report import sampler_kwargs
 
-        import dpmjax
-
-        kwargs = {}
-        if solver == "ddpm" and isinstance(self.schedule, dpmjax.DiscreteVP):
-            # ancestral sampling on nfe training timesteps, then the last step to sigma = 0 (Ho et al. 2020,
-            # Alg. 2), as dpmjax.metrics.report.generate does for its DDPM rows
-            n = self.schedule.num_train_timesteps
-            steps = np.linspace(0, n - 1, nfe).round()[::-1]
-            kwargs.update(timesteps=np.append((steps + 1.0) / n, 0.0), final_sigma="zero")
-        else:
-            kwargs.update(nfe=nfe, spacing=self.spacing)
-        if solver == "dpm_solver_v3":
-            kwargs["ems"] = self.ems
-        return kwargs
+        return sampler_kwargs(self.schedule, solver, nfe, self.spacing,
+                              {"ems": self.ems} if solver == "dpm_solver_v3" else {})
 
     def make_samplers(self, *, mesh=None, batch_size=None) -> dict:
         """{(solver, nfe): sampler}; building one validates it (nothing compiles until it is called)."""

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 PREDICTIONS = ("eps", "x0", "v", "score", "flow")
 
 __all__ = ["PREDICTIONS", "check_prediction", "to_eps", "to_x0", "convert", "discrete_time_model",
-           "classifier_free_guidance", "classifier_guidance", "dynamic_threshold", "expand_like"]
+           "classifier_free_guidance", "classifier_guidance", "dynamic_threshold", "expand_like",
+           "coefficient_dtype"]
 
 
 def check_prediction(prediction: str) -> str:
@@ -27,14 +28,21 @@ def check_prediction(prediction: str) -> str:
     return prediction
 
 
+def coefficient_dtype(dtype):
+    """The dtype schedule coefficients are computed in for data of ``dtype``: at least float32 (a bfloat16 or
+    float16 state gets float32 times, lambdas and step sizes), float64 for float64 data under x64."""
+    dtype = jnp.dtype(dtype)
+    return dtype if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+
+
 def expand_like(v, x):
-    """Broadcast a per-sample [B] (or scalar) coefficient against x of shape [B, ...]."""
+    """Broadcast a per-sample [B] (or scalar) coefficient against x of shape [B, ...], in x's dtype."""
     v = jnp.asarray(v)
-    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
+    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim)).astype(x.dtype)
 
 
 def _coefficients(schedule, t, x):
-    t = jnp.asarray(t, x.dtype)
+    t = jnp.asarray(t, coefficient_dtype(x.dtype))
     alpha = expand_like(schedule.alpha(t), x)
     sigma = expand_like(schedule.sigma(t), x)
     return t, alpha, sigma
@@ -139,7 +147,7 @@ def classifier_guidance(eps_fn: Callable, log_prob_fn: Callable, schedule, scale
     """
     def guided(x, t):
         grad = jax.grad(lambda xx: jnp.sum(log_prob_fn(xx, t)))(x)
-        sigma = expand_like(schedule.sigma(jnp.asarray(t, x.dtype)), x)
+        sigma = expand_like(schedule.sigma(jnp.asarray(t, coefficient_dtype(x.dtype))), x)
         return eps_fn(x, t) - scale * sigma * grad
 
     return guided

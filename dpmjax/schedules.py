@@ -193,8 +193,18 @@ class DiscreteVP(_Schedule):
         return 1.0
 
     def log_alpha(self, t):
+        """Piecewise linear through (t_n, log alpha_n), extrapolated linearly outside (``_interp_extrapolate``).
+
+        The grid t_n = (n + 1)/N is uniform, so the interval is found by arithmetic (one floor and two gathers)
+        rather than a search: every solver step evaluates the schedule several times, and a binary search
+        compiles to a ``while`` loop inside the sampler's scan body.
+        """
         t = _as_float(t)
-        return _interp_extrapolate(t, self.t_grid, self.log_alpha_grid)
+        n = self.num_train_timesteps
+        idx = jnp.clip(jnp.floor(t * n).astype(jnp.int32) - 1, 0, n - 2)
+        fp = jnp.asarray(self.log_alpha_grid, t.dtype)
+        t0 = (idx + 1).astype(t.dtype) / n
+        return fp[idx] + (t - t0) * n * (fp[idx + 1] - fp[idx])
 
     def log_sigma(self, t):
         return _log_sigma_from_log_alpha(self.log_alpha(t))
@@ -436,8 +446,18 @@ def _host_eval(fn, schedule, values) -> np.ndarray:
     size = max(64, 1 << int(np.ceil(np.log2(len(values)))))
     padded = np.pad(values, (0, size - len(values)), mode="edge")
     with jax.ensure_compile_time_eval(), jax.default_device(jax.devices("cpu")[0]), jax.enable_x64(True):
-        out = fn(schedule, jnp.asarray(padded, jnp.float64))
+        out = fn(float64_leaves(schedule), jnp.asarray(padded, jnp.float64))
         return np.array(out, dtype=np.float64)[: len(values)]
+
+
+def float64_leaves(schedule):
+    """The schedule with every array leaf an explicit float64 device array (call inside ``jax.enable_x64``).
+
+    A numpy leaf handed to a jitted function is converted by the x64 state of the moment; inside an outer
+    trace that state can differ from the one the cached executable was compiled under (the executable then
+    refuses an f32 buffer for its f64 parameter), so host-side evaluations convert explicitly.
+    """
+    return jax.tree.map(lambda leaf: jnp.asarray(np.asarray(leaf, np.float64), jnp.float64), schedule)
 
 
 def _diffusers_grid(schedule, num_steps: int, spacing: str, steps_offset: int) -> np.ndarray:

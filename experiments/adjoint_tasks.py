@@ -26,7 +26,6 @@ import csv
 import hashlib
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -37,8 +36,6 @@ import optax
 from flax import linen as nn
 from flax import serialization
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(_HERE)]
 
 import dpmjax  # noqa: E402
 from dpmjax.adjoint import generate, value_and_grad_through_sampling  # noqa: E402
@@ -46,7 +43,7 @@ from dpmjax.data import get_dataset  # noqa: E402
 from dpmjax.metrics.domain import cache_dir, domain_metric  # noqa: E402
 from dpmjax.metrics.fid import frechet_distance, statistics_from_features  # noqa: E402
 
-OUT = os.path.join(os.path.dirname(_HERE), "results", "adjoint")
+OUT = os.path.join("results", "adjoint")
 SCHEDULE = dpmjax.LinearVP()
 EMBED_DIM, NULL_CLASS = 16, 10
 SAMPLER = dict(schedule=SCHEDULE, method="backsolve", solver="heun", num_steps=10, spacing="logSNR")
@@ -74,9 +71,9 @@ class CondMLP(nn.Module):
 NET = CondMLP(TRAIN["width"], TRAIN["blocks"])
 
 
-def eps_model(params, x, t, cond):
-    """model_fn(params, x, t, cond) for dpmjax.adjoint: cond is the embedding vector [B, EMBED_DIM]."""
-    return NET.apply(params, x, t, cond)
+def eps_model(params, x, t, embedding):
+    """apply_fn(params, x, t, **cond) for dpmjax.adjoint: cond = {"embedding": [B, EMBED_DIM]}."""
+    return NET.apply(params, x, t, embedding)
 
 
 def _digits(split):
@@ -142,7 +139,7 @@ def load_or_train_eps_model(images, labels):
 # -- helpers ----------------------------------------------------------------------------------------------------
 
 def sample(net_params, x_T, cond):
-    x_0, _ = generate(eps_model, net_params, x_T, cond, **SAMPLER)
+    x_0, _ = generate(eps_model, net_params, x_T, {"embedding": cond}, **SAMPLER)
     return x_0
 
 
@@ -229,7 +226,7 @@ def task_attack(params, metric, num, iters, clamp=0.5, lr=0.05, kappa=1.0, close
     @jax.jit
     def step(delta, opt_state):
         (loss, (margin, dist, x_0)), grads = value_and_grad_through_sampling(
-            loss_fn, eps_model, params["net"], x_T + delta, cond, has_aux=True, **SAMPLER)
+            loss_fn, eps_model, params["net"], x_T + delta, {"embedding": cond}, has_aux=True, **SAMPLER)
         updates, opt_state = tx.update(grads["x_T"], opt_state)
         delta = jnp.clip(delta + updates, -clamp, clamp)
         return delta, opt_state, loss, margin, dist, x_0
@@ -288,9 +285,9 @@ def task_inversion(params, metric, train_images, batch, iters, lr=0.05):
     def step(e, opt_state, key):
         x_T = jax.random.normal(key, (batch, 8, 8, 1))
         (loss, mean_ink), grads = value_and_grad_through_sampling(
-            loss_fn, eps_model, params["net"], x_T, jnp.broadcast_to(e, (batch, EMBED_DIM)), wrt="cond", has_aux=True,
-            **SAMPLER)
-        updates, opt_state = tx.update(jnp.sum(grads["cond"], 0), opt_state)
+            loss_fn, eps_model, params["net"], x_T, {"embedding": jnp.broadcast_to(e, (batch, EMBED_DIM))}, wrt="cond",
+            has_aux=True, **SAMPLER)
+        updates, opt_state = tx.update(jnp.sum(grads["cond"]["embedding"], 0), opt_state)
         return optax.apply_updates(e, updates), opt_state, loss, mean_ink
 
     tx = optax.adam(lr)
@@ -379,7 +376,7 @@ def task_stylise(params, metric, train_images, test_images, batch, iters, lr=1e-
         x_T = jax.random.normal(k_x, (batch, 8, 8, 1))
         labels = jax.random.randint(k_y, (batch,), 0, 10)
         (_, (loss, ce)), grads = value_and_grad_through_sampling(
-            lambda x_0: objective(x_0, labels), eps_model, net, x_T, params["embed"][labels], wrt="params",
+            lambda x_0: objective(x_0, labels), eps_model, net, x_T, {"embedding": params["embed"][labels]}, wrt="params",
             has_aux=True, **SAMPLER)
         sq = sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(net), jax.tree.leaves(theta_0)))
         grads = jax.tree.map(lambda g, a, b: g + 2 * anchor * (a - b), grads["params"], net, theta_0)

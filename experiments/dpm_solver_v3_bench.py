@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")  # faster compiles, same numerics
@@ -27,7 +26,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dpmjax  # noqa: E402
 from dpmjax.ems import compute_ems  # noqa: E402
 from dpmjax.oracle import GaussianMixture, ode_solution  # noqa: E402

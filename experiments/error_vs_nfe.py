@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
 import math
 import os
 import resource
-import sys
 import threading
 import time
 import warnings
@@ -45,13 +43,9 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
-
 import dpmjax  # noqa: E402
 from dpmjax.oracle import GaussianMixture, ode_solution  # noqa: E402
-from dpmjax.samplers import SOLVERS  # noqa: E402
-from dpmjax.samplers.driver import plan  # noqa: E402
+from dpmjax.samplers import SOLVERS, plan  # noqa: E402
 from dpmjax.schedules import DiscreteVP  # noqa: E402
 
 import _diffusers_reference as dref  # noqa: E402
@@ -77,24 +71,20 @@ def rel_rms(x, ref):
 # dpmjax runs on explicit (traced) grids.
 # ------------------------------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("solver", "final_sigma", "options"))
-def _run_traced(x_T, mixture, schedule, timesteps, key, *, solver, final_sigma, options):
-    return dpmjax.sample(lambda x, t: mixture.eps(x, t, schedule), x_T, schedule=schedule, solver=solver,
-                         timesteps=timesteps, final_sigma=final_sigma, key=key, **dict(options))
+_SAMPLERS: dict = {}
+_SAMPLERS_LOCK = threading.Lock()
 
 
-_STATIC: dict = {}
-_NEEDS_STATIC: set = set()
-
-
-def _run_static(x_T, mixture, schedule, sched_name, timesteps, key, *, solver, final_sigma, options):
-    """Fallback for a solver that needs the schedule concrete (the schedule is closed over instead)."""
-    cache_key = (sched_name, solver, final_sigma, options)
-    if cache_key not in _STATIC:
-        _STATIC[cache_key] = jax.jit(lambda x, mix, ts, k: dpmjax.sample(
-            lambda y, t: mix.eps(y, t, schedule), x, schedule=schedule, solver=solver, timesteps=ts,
-            final_sigma=final_sigma, key=k, **dict(options)))
-    return _STATIC[cache_key](x_T, mixture, timesteps, key)
+def _sampler(solver, options, schedule, sched_name, ts, final_sigma):
+    """The library's params-as-arguments sampler with the mixture as params: one compiled program per (schedule,
+    solver, options, grid length); every grid of that length and every oracle of the same shapes reuse it."""
+    cache_key = (sched_name, solver, final_sigma, options, len(ts))
+    with _SAMPLERS_LOCK:
+        if cache_key not in _SAMPLERS:
+            _SAMPLERS[cache_key] = dpmjax.make_param_sampler(
+                lambda mix, x, t: mix.eps(x, t, schedule), schedule=schedule, solver=solver, timesteps=ts,
+                final_sigma=final_sigma, **dict(options))
+        return _SAMPLERS[cache_key]
 
 
 def run_ours(solver, options, x_T, mixture, schedule, sched_name, grid, final_sigma, key=None):
@@ -112,49 +102,23 @@ def _run_ours(solver, options, x_T, mixture, schedule, sched_name, grid, final_s
     if final_sigma == "zero":  # the driver reads the last point as sigma = 0; its value is never used
         ts = np.concatenate([ts, [0.5 * ts[-1]]])
     key = jax.random.key(0) if key is None else key
-    kwargs = dict(solver=solver, final_sigma=final_sigma, options=options)
-    if solver in _NEEDS_CONCRETE:
-        return np.asarray(_run_concrete(x_T, mixture, schedule, ts, key, **kwargs))
-    try:
-        if solver not in _NEEDS_STATIC:
-            try:
-                return np.asarray(_run_traced(x_T, mixture, schedule, ts, key, **kwargs))
-            except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError,
-                    jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError):
-                _NEEDS_STATIC.add(solver)
-        return np.asarray(_run_static(x_T, mixture, schedule, sched_name, ts, key, **kwargs))
-    except ValueError as err:  # a solver that computes coefficients from the grid on the host
-        if "concrete" not in str(err):
-            raise
-        _NEEDS_CONCRETE.add(solver)
-        return np.asarray(_run_concrete(x_T, mixture, schedule, ts, key, **kwargs))
-
-
-_NEEDS_CONCRETE: set = set()
-
-
-def _run_concrete(x_T, mixture, schedule, ts, key, *, solver, final_sigma, options):
-    """Last fallback, for a solver that rejects traced grids (its coefficients are computed on the host from
-    the grid): ``sample`` called outside jit (its scan still compiles), one compile per grid."""
-    return dpmjax.sample(mixture.model_fn(schedule), x_T, schedule=schedule, solver=solver, timesteps=ts,
-                         final_sigma=final_sigma, key=key, **dict(options))
+    sampler = _sampler(solver, options, schedule, sched_name, ts, final_sigma)
+    return np.asarray(sampler(mixture, jnp.asarray(x_T), key, timesteps=ts))
 
 
 def own_grid(solver, options, schedule, nfe, spacing, final_sigma):
     """dpmjax's own solver grid for ``nfe`` (without the sigma = 0 end) and its exact NFE."""
-    built, grid, final_denoise = plan(schedule, solver, nfe=nfe, spacing=spacing, final_sigma=final_sigma,
-                                      **dict(options))
-    return np.asarray(grid), built.num_model_calls + int(final_denoise)
+    p = plan(schedule, solver, nfe=nfe, spacing=spacing, final_sigma=final_sigma, **dict(options))
+    return np.asarray(p.grid["t"]), p.solver.num_model_calls + int(p.final_denoise)
 
 
 def nfe_on_grid(solver, options, schedule, grid, final_sigma):
     """Exact NFE of a solver on an explicit solver grid, counted as the driver does."""
-    entry = SOLVERS[solver]
-    opts = dict(options)
-    if final_sigma == "zero" and "_tail_steps" in entry.options:
-        opts["_tail_steps"] = 1
-    built = entry(schedule, jnp.asarray(grid), **opts)
-    return built.num_model_calls + int(final_sigma == "zero")
+    ts = np.asarray(grid, np.float64)
+    if final_sigma == "zero":
+        ts = np.concatenate([ts, [0.5 * ts[-1]]])
+    p = plan(schedule, solver, timesteps=ts, final_sigma=final_sigma, **dict(options))
+    return p.solver.num_model_calls + int(p.final_denoise)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -559,7 +523,7 @@ def main(argv=None):
     parser.add_argument("--no-diffusers", action="store_true")
     parser.add_argument("--threads", type=int, default=2, help="threads compiling dpmjax programs")
     parser.add_argument("--from-csv", action="store_true", help="only rebuild tables and plots from --out's CSV")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(_HERE), "results", "error_vs_nfe"))
+    parser.add_argument("--out", default=os.path.join("results", "error_vs_nfe"))
     args = parser.parse_args(argv)
     args.nfes = tuple(args.nfes or ((5, 10) if args.quick else NFES))
     n = 48 if args.quick else 1000
@@ -617,9 +581,7 @@ def main(argv=None):
     with open(os.path.join(args.out, "tables.md"), "w") as fh:
         fh.write(md + "\n\nAnomalies (automatic):\n\n" + "\n".join(f"- {b}" for b in bad) + "\n")
         fh.write(f"\nTotal {total:.0f} s wall, {cpu:.0f} s CPU, load average {os.getloadavg()[0]:.1f} at the end "
-                 f"(ODE references {refs.seconds:.0f} s); concrete-schedule fallback "
-                 f"used for: {sorted(_NEEDS_STATIC) or 'none'}; concrete-grid fallback for: "
-                 f"{sorted(_NEEDS_CONCRETE) or 'none'}\n")
+                 f"(ODE references {refs.seconds:.0f} s); {len(_SAMPLERS)} compiled samplers\n")
     plots(results, onames, snames, args.out)
     print(md)
     print("Anomalies:\n" + "\n".join(bad))

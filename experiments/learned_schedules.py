@@ -26,19 +26,16 @@ import csv
 import hashlib
 import json
 import os
-import sys
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from dpmjax.samplers import plan  # noqa: E402
-from dpmjax.search import dc, s3  # noqa: E402
+from dpmjax.config import configs_dir, load_config
+from dpmjax.samplers import SOLVERS, make_sampler, plan
+from dpmjax.samplers.usf import spec_arrays
+from dpmjax.search import SpecEvaluator, dc, s3
 
 # --------------------------------------------------------------------------------------------------------
 # Trained models: trained once by dpmjax's own loop into the cache (outside the repository), then reused.
@@ -58,12 +55,10 @@ TRAINED = {
 
 
 def trained_config(name: str):
-    from dpmjax.config import load_config
-
     if name not in TRAINED:
         raise ValueError(f"model must be one of {tuple(TRAINED)}, got {name!r}")
     path, overrides, _ = TRAINED[name]
-    return load_config(os.path.join(ROOT, path), overrides)
+    return load_config(os.path.join(configs_dir(), os.path.basename(path)), overrides)
 
 
 def trained_workdir(name: str, *, train_if_missing: bool = True) -> str:
@@ -101,32 +96,23 @@ def rms(a, b):
     return float(jnp.sqrt(jnp.mean((jnp.asarray(a) - jnp.asarray(b)) ** 2)))
 
 
-class Runner:
-    """``sample``'s scan as a Python loop over the same Solver (plan -> init / query / update / output) with one
-    jitted model evaluation per batch shape: every sampler configuration then reuses the compiled network
-    instead of compiling its own scan (minutes of XLA compilation saved on a shared CPU; same arithmetic)."""
+class Samplers:
+    """The library sampler, compiled once per (solver, static options, grid length): grids, DC ratios and USF specs
+    are grid data passed per call, so every searched schedule of one length reuses one compiled program."""
 
     def __init__(self, model, schedule):
-        self.model, self.schedule, self._jitted = model, schedule, {}
+        self.model, self.schedule, self._compiled = model, schedule, {}
 
-    def evaluate(self, x, t):
-        from dpmjax.samplers.driver import _evaluate
-
-        key = (x.shape, x.dtype.name)
-        if key not in self._jitted:
-            self._jitted[key] = jax.jit(lambda v, s: _evaluate(self.model, self.schedule, "eps", False, 0.995, 1.0,
-                                                               v.shape[0], v, s))
-        return self._jitted[key](x, jnp.broadcast_to(jnp.asarray(t, x.dtype), (x.shape[0],)))
-
-    def __call__(self, x_T, **kw):
-        built, grid, final_denoise = plan(self.schedule, **kw)
-        if final_denoise or hasattr(built, "run"):
-            raise ValueError("Runner: final_sigma='zero' / denoise_to_zero / adaptive solvers are not supported")
-        state = built.init(jnp.asarray(x_T), jax.random.key(0))
-        for i in range(built.num_model_calls):
-            step = jnp.asarray(i, jnp.int32)
-            state = built.update(state, step, self.evaluate(*built.query(state, step)))
-        return built.output(state)
+    def __call__(self, x_T, *, solver, timesteps=None, spec=None, **options):
+        if spec is not None:  # a USF spec: its times and per-step choices are data, only AFS is static
+            timesteps, options = spec.timesteps, dict(arrays=spec_arrays(spec), afs=spec.afs)
+        timesteps = np.asarray(timesteps, np.float64)
+        data = {k: options.pop(k) for k in SOLVERS[solver].prepared_options if k in options}
+        key = (solver, len(timesteps), tuple(sorted(options.items())))
+        if key not in self._compiled:
+            self._compiled[key] = make_sampler(self.model, schedule=self.schedule, solver=solver,
+                                               timesteps=timesteps, **options, **data)
+        return self._compiled[key](jnp.asarray(x_T), timesteps=timesteps, **data)
 
 
 class Problem:
@@ -218,7 +204,7 @@ def run(problem: Problem, args):
     x_dc = problem.x_s[:args.search]
     x_s3 = problem.x_s[:args.s3_search]
     t0, t1 = schedule.default_t_start, schedule.default_t_end
-    runner = Runner(model, schedule)
+    runner = Samplers(model, schedule)
 
     def measure(row, label, **kw):
         """RMS vs the reference on x_h over the grid's own interval (+ Frechet on x_q where asked)."""
@@ -239,7 +225,7 @@ def run(problem: Problem, args):
         row = {"nfe": nfe}
         # --- DC-Solver vs UniPC (order 2, logSNR grid) -----------------------------------------------------
         if "dc" not in args.skip:
-            _, grid, _ = plan(schedule, "dc_solver", nfe=nfe, spacing="logSNR")
+            grid = plan(schedule, "dc_solver", nfe=nfe, spacing="logSNR").grid["t"]
             targets = dc.model_targets(model, x_dc, grid, schedule, substeps=20)
             for variant in args.dc_variants:
                 measure(row, f"unipc_{variant}", solver="unipc", timesteps=grid, variant=variant)
@@ -255,11 +241,11 @@ def run(problem: Problem, args):
         if "s3" not in args.skip:
             ref_s3 = problem.reference("x_s", t0, t1)[:args.s3_search]
             spec, info = s3.s3_search(model, schedule, nfe, x_s3, ref_s3, budget=args.budget)
-            held = s3._Evaluator(model, schedule, problem.x_h, problem.reference("x_h", t0, t1), "eps")
+            held = SpecEvaluator(model, schedule, problem.x_h, problem.reference("x_h", t0, t1), "eps")
             hand = [(held(s), s) for s in s3.seed_specs(schedule, nfe)]
             best_hand = min(hand, key=lambda e: e[0])
-            measure(row, "s3", solver="usf", nfe=spec.nfe, spec=spec)
-            measure(row, "best_hand", solver="usf", nfe=best_hand[1].nfe, spec=best_hand[1])
+            measure(row, "s3", solver="usf", spec=spec)
+            measure(row, "best_hand", solver="usf", spec=best_hand[1])
             row.update(s3_search_metric=info["best_metric"], s3_seed_best_search_metric=info["seed_best"],
                        s3_seconds=info["seconds"], s3_evaluated=info["evaluated"],
                        best_hand_desc=_describe(best_hand[1], schedule), s3_desc=_describe(spec, schedule),
@@ -269,14 +255,14 @@ def run(problem: Problem, args):
         if "ts" not in args.skip:
             for ts_name, base_name in (("ts_ddim", "ddim"), ("ts_s_pndm", "s_pndm")):
                 for spacing in args.ts_spacings:
-                    _, grid, _ = plan(schedule, base_name, nfe=nfe, spacing=spacing)
+                    grid = plan(schedule, base_name, nfe=nfe, spacing=spacing).grid["t"]
                     measure(row, f"{base_name}_{spacing}", solver=base_name, timesteps=grid)
                     measure(row, f"{ts_name}_{spacing}", solver=ts_name, timesteps=grid)
         print(json.dumps({k: v for k, v in row.items() if not k.endswith(("ratios", "spec"))}), flush=True)
         results.append(row)
     if "ts" not in args.skip and "pndm" not in args.skip:  # F-PNDM needs >= 12 calls (3 pseudo-RK4 steps)
         for nfe in args.pndm_nfes:
-            _, grid, _ = plan(schedule, "pndm", nfe=nfe, spacing="leading")
+            grid = plan(schedule, "pndm", nfe=nfe, spacing="leading").grid["t"]
             row = {"nfe": nfe}
             measure(row, "pndm", solver="pndm", timesteps=grid)
             measure(row, "ts_pndm", solver="ts_pndm", timesteps=grid)
@@ -380,7 +366,7 @@ def main(argv=None):
     parser.add_argument("--ts-spacings", nargs="+", default=["leading", "logSNR"])
     parser.add_argument("--skip", nargs="*", default=[], help="parts to skip: dc s3 ts pndm")
     parser.add_argument("--train-only", action="store_true", help="train (or find) the model and stop")
-    parser.add_argument("--out", default=os.path.join(ROOT, "results", "learned_schedules"))
+    parser.add_argument("--out", default=os.path.join("results", "learned_schedules"))
     args = parser.parse_args(argv)
     trained = args.model != "oracle"
     if args.s3_search is None:

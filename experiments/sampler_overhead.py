@@ -23,7 +23,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
 import warnings
 
@@ -31,8 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(_HERE)]
 
 import flax.linen as nn  # noqa: E402
 
@@ -277,7 +274,7 @@ def main(argv=None):
     parser.add_argument("--nfes", type=int, nargs="*", default=NFES)
     parser.add_argument("--solvers", nargs="*", default=SOLVERS)
     parser.add_argument("--no-diffusers", action="store_true")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(_HERE), "results", "sampler_overhead"))
+    parser.add_argument("--out", default=os.path.join("results", "sampler_overhead"))
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.repeats, args.nfes = 4, 1, (10,)

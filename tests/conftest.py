@@ -4,9 +4,11 @@
 * Strict dtype promotion: a float32 array never silently meets a float64 one (library bugs surface here).
 * ``x64`` fixture: run one test with float64 enabled (``jax.enable_x64`` context manager, jax >= 0.10).
 * Compiled programs are released whenever the process holds many memory mappings. Every XLA:CPU executable holds
-  ~3 mappings until it is freed; the whole suite compiles ~20,000 programs (one module alone ~10,000), and a
-  process that keeps them all passes Linux's ``vm.max_map_count`` (65,530): the next compile then dies with a
-  segmentation fault or abort inside XLA (seen in CI).
+  a few mappings until it is freed, and a process that keeps thousands of them passes Linux's
+  ``vm.max_map_count`` (65,530): the next compile then dies with a segmentation fault or abort inside XLA (seen in
+  CI when the suite compiled far more programs than it does now).
+* ``DPMJAX_COMPILE_STATS=FILE``: count the XLA compilations and their time per test module (jax.monitoring
+  events) and write them to FILE as JSON at the end (BENCHMARKS.md, "Test suite compilations").
 """
 import gc
 import os
@@ -19,6 +21,36 @@ import jax  # noqa: E402  (must come after XLA_FLAGS)
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+_COMPILE_STATS: dict = {}
+_CURRENT_MODULE = ["<collection>"]
+
+
+def _on_compile_event(name, duration, **_):
+    stats = _COMPILE_STATS.setdefault(_CURRENT_MODULE[0], {"compiles": 0, "compile_s": 0.0, "trace_s": 0.0})
+    if name == "/jax/core/compile/backend_compile_duration":
+        stats["compiles"] += 1
+        stats["compile_s"] += duration
+    elif name == "/jax/core/compile/jaxpr_trace_duration":
+        stats["trace_s"] += duration
+
+
+if os.environ.get("DPMJAX_COMPILE_STATS"):
+    jax.monitoring.register_event_duration_secs_listener(_on_compile_event)
+
+
+def pytest_runtest_setup(item):
+    _CURRENT_MODULE[0] = item.nodeid.split("::")[0]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = os.environ.get("DPMJAX_COMPILE_STATS")
+    if path:
+        import json
+
+        total = {k: sum(s[k] for s in _COMPILE_STATS.values()) for k in ("compiles", "compile_s", "trace_s")}
+        with open(path, "w") as f:
+            json.dump({"total": total, "modules": _COMPILE_STATS}, f, indent=1)
 
 
 _MAPS = "/proc/self/maps"

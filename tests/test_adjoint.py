@@ -22,11 +22,16 @@ MIXTURE = oracle.GaussianMixture.random(0, num_modes=3, dim=2, scale=1.0)
 WRT = ("x_T", "cond", "params")
 
 
-def mixture_model(params, x, t, cond):
+def mixture_model(params, x, t, shift):
+    """apply_fn(params, x, t, **cond) with cond = {"shift": c}."""
     mixture = oracle.GaussianMixture(means=params["means"], stds=jnp.asarray(MIXTURE.stds, x.dtype),
                                      weights=jnp.asarray(MIXTURE.weights, x.dtype))
     alpha = SCHEDULE.alpha(t)[:, None]
-    return mixture.eps(x - alpha * cond, t, SCHEDULE)
+    return mixture.eps(x - alpha * shift, t, SCHEDULE)
+
+
+def shift(c):
+    return {"shift": c}
 
 
 def make_loss(w):
@@ -102,11 +107,11 @@ def test_gradients_match_float64_reference(method, problem, reference):
         make_loss(problem["w"]), mixture_model, p, x, c, schedule=SCHEDULE, method=method, wrt=WRT,
         t_start=T_START, t_end=T_END, **options))
     value, grads = fn({"means": jnp.asarray(problem["means"], jnp.float32)},
-                      jnp.asarray(problem["x_T"], jnp.float32), jnp.asarray(problem["cond"], jnp.float32))
+                      jnp.asarray(problem["x_T"], jnp.float32), shift(jnp.asarray(problem["cond"], jnp.float32)))
     assert set(grads) == set(WRT)
     assert abs(float(value) - ref_value) <= bound * abs(ref_value)
     for name in WRT:
-        grad = grads[name]["means"] if name == "params" else grads[name]
+        grad = {"params": lambda g: g["means"], "cond": lambda g: g["shift"]}.get(name, lambda g: g)(grads[name])
         cosine, rel = _compare(grad, ref_grads[name])
         assert cosine >= 0.999 and rel <= bound, (name, cosine, rel)
 
@@ -116,7 +121,7 @@ def test_euler_in_rho_is_ddim(problem):
     results = []
     for method, solver in (("checkpoint", "euler"), ("scan", "ddim")):
         fn = jax.jit(lambda p, x: value_and_grad_through_sampling(
-            make_loss(problem["w"]), mixture_model, p, x, jnp.zeros((4, 2)), schedule=SCHEDULE, method=method,
+            make_loss(problem["w"]), mixture_model, p, x, shift(jnp.zeros((4, 2))), schedule=SCHEDULE, method=method,
             wrt=("x_T", "params"), num_steps=10, solver=solver, spacing="logSNR", t_start=T_START, t_end=T_END))
         params = {"means": jnp.asarray(problem["means"], jnp.float32)}
         results.append(fn(params, jnp.asarray(problem["x_T"], jnp.float32)))
@@ -142,7 +147,7 @@ def test_mlp_params_gradients_agree_between_methods(problem):
     net = TinyEps()
     params = net.init(jax.random.key(0), jnp.zeros((4, 2)), jnp.ones((4,)))
 
-    def model_fn(p, x, t, cond):  # exact eps of N(0, I) data (sigma_t x) plus a learned-looking perturbation
+    def model_fn(p, x, t):  # exact eps of N(0, I) data (sigma_t x) plus a learned-looking perturbation
         return SCHEDULE.sigma(t)[:, None] * x + 0.3 * net.apply(p, x, t)
 
     x_T = jnp.asarray(problem["x_T"], jnp.float32)
@@ -165,7 +170,7 @@ def test_jit_and_vmap(problem):
     """vmap over independent problems (e.g. per-example optimisation) equals calling each one."""
     x_T = jnp.asarray(np.random.default_rng(1).standard_normal((3, 4, 2)), jnp.float32)
     params = {"means": jnp.asarray(problem["means"], jnp.float32)}
-    cond = jnp.zeros((4, 2))
+    cond = shift(jnp.zeros((4, 2)))
 
     def one(x):
         return value_and_grad_through_sampling(
@@ -182,7 +187,7 @@ def test_jit_and_vmap(problem):
 def test_generate_is_a_plain_differentiable_sampler(problem):
     params = {"means": jnp.asarray(problem["means"], jnp.float32)}
     x_T = jnp.asarray(problem["x_T"], jnp.float32)
-    x_0, status = generate(mixture_model, params, x_T, jnp.zeros((4, 2)), schedule=SCHEDULE, method="scan",
+    x_0, status = generate(mixture_model, params, x_T, shift(jnp.zeros((4, 2))), schedule=SCHEDULE, method="scan",
                            num_steps=10, solver="ddim", spacing="logSNR", t_start=T_START, t_end=T_END)
     ddim = dpmjax.sample(lambda x, t: mixture_model(params, x, t, jnp.zeros((4, 2))), x_T, schedule=SCHEDULE,
                          solver="ddim", nfe=10, spacing="logSNR", t_start=T_START, t_end=T_END)
@@ -198,7 +203,7 @@ def _call(loss=None, model=mixture_model, **options):
     x_T = jnp.asarray(rng.standard_normal((4, 2)), jnp.float32)
     base = dict(schedule=SCHEDULE, t_start=T_START, t_end=T_END)
     return value_and_grad_through_sampling(loss or (lambda x: jnp.sum(x ** 2)), model, params, x_T,
-                                           jnp.zeros((4, 2)), **{**base, **options})
+                                           shift(jnp.zeros((4, 2))), **{**base, **options})
 
 
 @pytest.mark.parametrize("options, match", [
@@ -216,12 +221,15 @@ def test_bad_options_name_the_argument(options, match):
         _call(**options)
 
 
-def test_cond_must_be_given_and_floating():
+def test_cond_must_be_given_floating_and_a_dict():
     with pytest.raises(ValueError, match="cond is None"):
         value_and_grad_through_sampling(jnp.sum, mixture_model, {}, jnp.ones((2, 2)), None, schedule=SCHEDULE,
                                         wrt="cond")
     with pytest.raises(ValueError, match="non-floating"):
-        value_and_grad_through_sampling(jnp.sum, mixture_model, {}, jnp.ones((2, 2)), jnp.array([1, 2]),
+        value_and_grad_through_sampling(jnp.sum, mixture_model, {}, jnp.ones((2, 2)), shift(jnp.array([1, 2])),
+                                        schedule=SCHEDULE, wrt="cond")
+    with pytest.raises(ValueError, match="cond must be a dict of keyword arrays"):
+        value_and_grad_through_sampling(jnp.sum, mixture_model, {}, jnp.ones((2, 2)), jnp.zeros((2, 2)),
                                         schedule=SCHEDULE, wrt="cond")
 
 
@@ -237,9 +245,9 @@ def test_unmet_tolerance_names_cause_and_steps():
         _call(method="checkpoint", rtol=1e-7, max_steps=5)
 
 
-def _nan_vjp_model(params, x, t, cond):
+def _nan_vjp_model(params, x, t, shift):
     # finite forward (sqrt(0) = 0) but d sqrt/dx at 0 is inf, times 0: NaN in every VJP w.r.t. x
-    return mixture_model(params, x, t, cond) + jnp.sqrt(jnp.zeros_like(x) * x)
+    return mixture_model(params, x, t, shift) + jnp.sqrt(jnp.zeros_like(x) * x)
 
 
 @pytest.mark.parametrize("method, match", [

@@ -9,6 +9,11 @@ from dpmjax.samplers import plan, sample
 from dpmjax.schedules import DiscreteVP
 from dpmjax.search import dc
 
+
+def plan_times(*args, **kwargs):
+    """The solver grid (times) that ``plan`` builds."""
+    return plan(*args, **kwargs).grid["t"]
+
 SCHEDULE = DiscreteVP.from_name("linear")
 MIX = GaussianMixture.random(seed=0, num_modes=4, dim=16)
 MODEL = MIX.model_fn(SCHEDULE)
@@ -25,13 +30,15 @@ def test_unit_ratios_are_unipc(opts, x64):
     ref = sample(MODEL, x_T, schedule=SCHEDULE, solver="unipc", nfe=6, **opts)
     steps = 5 if opts.get("final_sigma") == "zero" else 6
     got = sample(MODEL, x_T, schedule=SCHEDULE, solver="dc_solver", nfe=6, ratios=np.ones(steps), **opts)
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    # the same computation compiled as two programs (a per-sample grid, another fusion): equal to a few float64 ulps,
+    # not bit for bit (that differs between x86 CPUs)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-13, atol=1e-14)
 
 
 @pytest.mark.parametrize("objective", ["greedy"])  # "final" measured in experiments/learned_schedules.py
 def test_search_lowers_held_out_error_and_files(objective, tmp_path, x64):
     # held-out errors are dominated by the few points that end near a mode boundary: 64 of them
-    _, grid, _ = plan(SCHEDULE, "dc_solver", nfe=5, spacing="logSNR")
+    grid = plan_times(SCHEDULE, "dc_solver", nfe=5, spacing="logSNR")
     x_search, x_held = noise(10, 1), noise(64, 5)
     targets = dc.model_targets(MODEL, x_search, grid, SCHEDULE, substeps=8)
     ratios, info = dc.search_dc_ratios(MODEL, x_search, targets, schedule=SCHEDULE, timesteps=grid, num_iters=10,
@@ -68,7 +75,7 @@ def test_cpr_fits_and_predicts():
 def test_bad_input(x64):
     with pytest.raises(ValueError, match="ratios"):
         sample(MODEL, noise(2, 0, jnp.float32), schedule=SCHEDULE, solver="dc_solver", nfe=5, ratios=[1.0, 1.0])
-    _, grid, _ = plan(SCHEDULE, "dc_solver", nfe=5)
+    grid = plan_times(SCHEDULE, "dc_solver", nfe=5)
     with pytest.raises(ValueError, match="num_iters"):
         dc.search_dc_ratios(MODEL, noise(2, 0), np.zeros((6, 2, 16)), schedule=SCHEDULE, timesteps=grid,
                             num_iters=0)

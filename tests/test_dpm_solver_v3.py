@@ -77,7 +77,7 @@ def test_degenerate_is_dpm_solver_pp_taylor(x64):
     errors = []
     for num_grid in (200, 400):
         deg = EMS.degenerate(SCHEDULE, t_start=1.0, t_end=1e-3, num_grid=num_grid, shape=(2,))
-        grid = plan(SCHEDULE, "dpm_solver_v3", nfe=8, spacing="logSNR", ems=deg)[1]
+        grid = plan(SCHEDULE, "dpm_solver_v3", nfe=8, spacing="logSNR", ems=deg).grid["t"]
         np.testing.assert_allclose(grid, time_grid_logsnr(8), rtol=1e-9)  # N divisible by 8: no snapping
         errors.append(rms(v3(1, ems=deg), ddim))
     assert errors[0] < 1e-3, errors
@@ -215,7 +215,7 @@ def test_contract_with_ems():
     eager = dpmjax.sample(model, x, nfe=6, spacing="logSNR", **kw)
     jitted = dpmjax.make_sampler(model, nfe=6, spacing="logSNR", **kw)(x)
     np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-5)
-    grids = [plan(SCHEDULE, "dpm_solver_v3", nfe=6, spacing=sp, ems=ems)[1] for sp in ("logSNR", "time_uniform")]
+    grids = [plan(SCHEDULE, "dpm_solver_v3", nfe=6, spacing=sp, ems=ems).grid["t"] for sp in ("logSNR", "time_uniform")]
     both = dpmjax.sample(model, x, timesteps=np.stack(grids, axis=1), **kw)
     second = dpmjax.sample(model, x, timesteps=grids[1], **kw)
     np.testing.assert_allclose(both[0], eager[0], rtol=1e-5, atol=1e-5)

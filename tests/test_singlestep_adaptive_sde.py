@@ -14,6 +14,17 @@ from dpmjax.samplers import plan
 from dpmjax.samplers.adaptive import sample_adaptive
 from dpmjax.samplers.dpm_solver_singlestep import singlestep_orders
 
+
+def plan_parts(*args, **kwargs):
+    """(solver, solver grid times, final_denoise) of ``plan``."""
+    p = plan(*args, **kwargs)
+    return p.solver, p.grid["t"], p.final_denoise
+
+
+def plan_times(*args, **kwargs):
+    """The solver grid (times) that ``plan`` builds."""
+    return plan(*args, **kwargs).grid["t"]
+
 SCHEDULE = dpmjax.DiscreteVP.from_name("linear")
 MIXTURE = GaussianMixture.ring()
 MODEL = MIXTURE.model_fn(SCHEDULE)
@@ -50,10 +61,10 @@ def test_order_mixing_uses_exactly_nfe_calls(name):
     for nfe in range(1, 13):
         orders = singlestep_orders(nfe, order)
         assert sum(orders) == nfe and max(orders) <= order and all(o >= 1 for o in orders)
-        built, grid, final = plan(SCHEDULE, name, nfe=nfe)
+        built, grid, final = plan_parts(SCHEDULE, name, nfe=nfe)
         assert built.num_model_calls == nfe and grid.shape == (nfe + 1,) and not final
         if nfe >= 2:  # the driver's last call is the x0 step to sigma = 0
-            built, grid, final = plan(SCHEDULE, name, nfe=nfe, final_sigma="zero")
+            built, grid, final = plan_parts(SCHEDULE, name, nfe=nfe, final_sigma="zero")
             assert built.num_model_calls == nfe - 1 and final
     # the official mixing rule (DPM-Solver code, method="singlestep")
     assert singlestep_orders(9, 3) == [3, 3, 2, 1]
@@ -65,7 +76,7 @@ def test_order_mixing_uses_exactly_nfe_calls(name):
 def test_logsnr_grid_is_the_official_one():
     """K + 1 lambda-uniform outer times, each outer step split uniformly in lambda (r = 1/3, 2/3; 1/2)."""
     with jax.enable_x64(True):
-        _, grid, _ = plan(SCHEDULE, "dpm_solver_3", nfe=11, spacing="logSNR")  # orders [3, 3, 3, 2]
+        grid = plan_times(SCHEDULE, "dpm_solver_3", nfe=11, spacing="logSNR")  # orders [3, 3, 3, 2]
         lam = np.asarray(SCHEDULE.lambda_(jnp.asarray(grid, jnp.float64)))
     outer = lam[[0, 3, 6, 9, 11]]
     np.testing.assert_allclose(np.diff(outer), np.diff(outer)[0], rtol=1e-9)
@@ -73,7 +84,7 @@ def test_logsnr_grid_is_the_official_one():
     np.testing.assert_allclose(np.diff(lam[9:]), np.diff(outer)[0] / 2, rtol=1e-9)
     # other spacings: the official outer times are the N-step grid at cumsum(orders), split by the same spacing,
     # which is the N-step grid itself.
-    _, grid, _ = plan(SCHEDULE, "dpm_solver_3", nfe=11, spacing="time_uniform")
+    grid = plan_times(SCHEDULE, "dpm_solver_3", nfe=11, spacing="time_uniform")
     np.testing.assert_allclose(grid, np.linspace(1.0, 1e-3, 12), rtol=1e-12)
 
 

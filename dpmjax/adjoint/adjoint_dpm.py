@@ -25,7 +25,7 @@ rho itself is the ODE time and diffrax provides the adjoint. Errors that the off
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +43,9 @@ INPUTS = ("x_T", "cond", "params")
 
 
 def _normalise_wrt(wrt, cond) -> tuple[str, ...]:
+    if cond is not None and not isinstance(cond, Mapping):
+        raise ValueError(f"cond must be a dict of keyword arrays for apply_fn(params, x, t, **cond) (e.g. "
+                         f"{{'y': labels}}) or None, got {type(cond).__name__}")
     names = (wrt,) if isinstance(wrt, str) else tuple(wrt)
     if not names:
         raise ValueError(f"wrt must name at least one of {INPUTS}")
@@ -88,7 +91,7 @@ def _plan(method, schedule, num_steps, solver, rtol, atol, spacing, t_start, t_e
     return rho_ode.make_ode_solver(solver, adaptive), (grid, rtol, atol)
 
 
-def generate(model_fn: Callable, params, x_T, cond=None, *, schedule, method: str = "backsolve",
+def generate(apply_fn: Callable, params, x_T, cond=None, *, schedule, method: str = "backsolve",
              num_steps: int | None = 20, solver=None, rtol: float | None = None, atol: float | None = None,
              max_steps: int = 4096, spacing: str = "logSNR", t_start=None, t_end=None, prediction: str = "eps",
              checkpoints: int | None = None, key=None, solver_options: dict | None = None,
@@ -111,7 +114,7 @@ def generate(model_fn: Callable, params, x_T, cond=None, *, schedule, method: st
         frozen_cond = jax.lax.stop_gradient(cond) if frozen[1] else cond
 
         def scan_model(x, t):
-            return model_fn(frozen_params, x, t, frozen_cond)
+            return apply_fn(frozen_params, x, t, **(frozen_cond or {}))
 
         x_0 = sample(scan_model, x_T, schedule=schedule, solver=solver, nfe=int(num_steps), prediction=prediction,
                      spacing=spacing, t_start=t_start, t_end=t_end, key=key, remat=True, **(solver_options or {}))
@@ -121,7 +124,7 @@ def generate(model_fn: Callable, params, x_T, cond=None, *, schedule, method: st
     grid, rtol, atol = ode
     if not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
-    vector_field = rho_ode.rho_vector_field(model_fn, schedule, prediction, frozen)
+    vector_field = rho_ode.rho_vector_field(apply_fn, schedule, prediction, frozen)
     y0 = x_T / jnp.asarray(grid.alpha_start, x_T.dtype)
     y_end, status = rho_ode.solve_rho_ode(vector_field, y0, (params, cond), grid, solver=solver, method=method,
                                           rtol=rtol, atol=atol, max_steps=int(max_steps), checkpoints=checkpoints)
@@ -129,21 +132,23 @@ def generate(model_fn: Callable, params, x_T, cond=None, *, schedule, method: st
 
 
 def value_and_grad_through_sampling(
-        loss_fn: Callable, model_fn: Callable, params, x_T, cond=None, *, schedule, method: str = "backsolve",
+        loss_fn: Callable, apply_fn: Callable, params, x_T, cond=None, *, schedule, method: str = "backsolve",
         wrt=("x_T",), num_steps: int | None = 20, solver=None, rtol: float | None = None,
         atol: float | None = None, max_steps: int = 4096, spacing: str = "logSNR", t_start=None, t_end=None,
         prediction: str = "eps", has_aux: bool = False, check_finite: bool = True, checkpoints: int | None = None,
         key=None, solver_options: dict | None = None):
     """L(x_0) for x_0 sampled from x_T by the probability-flow ODE, and dL/d{x_T, cond, params} (AdjointDPM).
 
-    Not jitted: wrap the call in ``jax.jit`` (closing over ``loss_fn``, ``model_fn`` and the options) for
+    Not jitted: wrap the call in ``jax.jit`` (closing over ``loss_fn``, ``apply_fn`` and the options) for
     speed; it works under ``jit`` and ``vmap``.
 
     Args:
       loss_fn: ``loss_fn(x_0 [B, ...]) -> scalar`` (or ``(scalar, aux)`` with ``has_aux``).
-      model_fn: ``model_fn(params, x [B, ...], t [B], cond) -> prediction`` in continuous time of ``schedule``;
-        params and cond enter explicitly so that every method can differentiate them.
-      params: the model's parameters (any pytree), cond: the conditioning (any pytree or None).
+      apply_fn: ``apply_fn(params, x [B, ...], t [B], **cond) -> prediction`` in continuous time of ``schedule``
+        (the library's model contract, ``dpmjax.nn.make_apply_fn``); params and cond enter explicitly so that
+        every method can differentiate them.
+      params: the model's parameters (any pytree), cond: the conditioning, a dict of keyword arrays (e.g.
+        ``{"embedding": e}``) or None.
       x_T: [B, ...] initial noise at ``t_start``.
       schedule: a ``dpmjax.schedules`` schedule.
       method: "backsolve" (continuous adjoint, flat memory), "checkpoint" (exact gradient of the discretised
@@ -157,7 +162,7 @@ def value_and_grad_through_sampling(
       max_steps: step budget of an adaptive solve (a fixed grid uses exactly num_steps).
       spacing: time spacing of the fixed grid (``dpmjax.time_grid``); "logSNR" is geometric in rho.
       t_start, t_end: the sampling interval (default the schedule's); sigma(t_end) must be > 0.
-      prediction: what model_fn returns ("eps", "x0", "v", "score", "flow").
+      prediction: what apply_fn returns ("eps", "x0", "v", "score", "flow").
       has_aux: ``loss_fn`` returns (loss, aux).
       check_finite: raise if the loss or a gradient is NaN/inf (one host callback under jit).
       checkpoints: "checkpoint" only: number of diffrax checkpoints (default: chosen from max_steps).
@@ -181,7 +186,7 @@ def value_and_grad_through_sampling(
 
     def objective(diff):
         merged = {**inputs, **diff}
-        x_0, status = generate(model_fn, merged["params"], merged["x_T"], merged["cond"], **options)
+        x_0, status = generate(apply_fn, merged["params"], merged["x_T"], merged["cond"], **options)
         out = loss_fn(x_0)
         loss, aux = out if has_aux else (out, None)
         loss = jnp.asarray(loss)

@@ -76,8 +76,10 @@ def rho_grid(schedule, *, num_steps: int | None, spacing: str, t_start=None, t_e
                    None if adaptive else rho)
 
 
-def rho_vector_field(model_fn: Callable, schedule, prediction: str, frozen: tuple[bool, bool]) -> Callable:
-    """f(rho, y, args=(params, cond)) = eps(alpha(rho) y, t(rho), cond): the right-hand side of dy/drho.
+def rho_vector_field(apply_fn: Callable, schedule, prediction: str, frozen: tuple[bool, bool]) -> Callable:
+    """f(rho, y, args=(params, cond)) = eps(alpha(rho) y, t(rho), **cond): the right-hand side of dy/drho.
+
+    ``apply_fn(params, x, t, **cond)`` is the library's model contract; ``cond`` a dict of keyword arrays or None.
 
     ``frozen`` marks (params, cond) that are not differentiated: they pass through ``lax.stop_gradient`` so
     the adjoint's VJP never computes their cotangents (diffrax still carries a zero adjoint for every
@@ -91,7 +93,7 @@ def rho_vector_field(model_fn: Callable, schedule, prediction: str, frozen: tupl
         alpha = schedule.alpha(t).astype(y.dtype)
         x = alpha * y
         t_vec = jnp.broadcast_to(t, y.shape[:1]).astype(y.dtype)
-        out = jnp.asarray(model_fn(params, x, t_vec, cond)).astype(y.dtype)
+        out = jnp.asarray(apply_fn(params, x, t_vec, **(cond or {}))).astype(y.dtype)
         return parameterization.to_eps(out, x, t_vec, schedule, prediction)
 
     return vector_field

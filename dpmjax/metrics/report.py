@@ -23,12 +23,12 @@ from tqdm import tqdm
 
 import dpmjax
 
-__all__ = ["make_generator", "generate", "image_grid", "quality_table", "CSV_FIELDS"]
+__all__ = ["make_generator", "generate", "image_grid", "quality_table", "sampler_kwargs", "CSV_FIELDS"]
 
 CSV_FIELDS = ("solver", "nfe", "num", "frechet", "confident_share", "seconds")
 
 
-def _sampler_kwargs(schedule, solver: str, nfe: int, spacing: str, options: dict) -> dict:
+def sampler_kwargs(schedule, solver: str, nfe: int, spacing: str, options: dict) -> dict:
     """``make_param_sampler`` keywords for (solver, nfe): ``ddpm`` on a discrete schedule runs on training steps.
 
     Ancestral DDPM on ``nfe`` training timesteps (all of them for nfe = N), then the last step to sigma = 0
@@ -62,7 +62,7 @@ def make_generator(apply_fn, schedule, image_shape, *, solver: str, nfe: int, ba
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     batch = -(-int(batch_size) // shards) * shards
     sampler = dpmjax.make_param_sampler(apply_fn, schedule=schedule, solver=solver, mesh=mesh, batch_size=batch,
-                                        **_sampler_kwargs(schedule, solver, nfe, spacing, options))
+                                        **sampler_kwargs(schedule, solver, nfe, spacing, options))
     stochastic = dpmjax.SOLVERS[solver].stochastic
     shape = tuple(image_shape)
 

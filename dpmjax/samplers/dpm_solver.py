@@ -17,6 +17,10 @@ default keeps parity with the official code and diffusers, which produced the pu
 Warm-up: order min(order, i + 1). ``lower_order_final`` (default on, when the total number of steps is
 below 15 as in diffusers; the official code gates at 10): order min(order, steps remaining).
 One model call per step; the model is never evaluated after the last step.
+
+Implementation: every update is linear in (x, m_0, m_1, m_2), so the step computes the scalar weight of each
+history entry for its order (``multistep_weights``, a few flops) and applies one fused linear combination; the
+history is a ring buffer (``base.ring_slot``) written in place, never shifted.
 """
 from __future__ import annotations
 
@@ -25,8 +29,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dpmjax.samplers.base import Solver, at_time, check_order, expand_like, phi_1, phi_2, phi_3, register, \
-    safe_divisor
+from dpmjax.samplers.base import Solver, at_time, check_flag, check_order, combine_lags, expand_like, \
+    phi_1, phi_2, phi_3, ring_slot, safe_divisor
+
+__all__ = ["make_multistep", "multistep_order", "multistep_weights", "SOLVER_TYPES", "LOWER_ORDER_FINAL_BELOW"]
 
 LOWER_ORDER_FINAL_BELOW = 15
 SOLVER_TYPES = ("dpmsolver", "taylor")
@@ -34,7 +40,7 @@ SOLVER_TYPES = ("dpmsolver", "taylor")
 
 class MultistepState(NamedTuple):
     x: jax.Array        # [B, ...] current sample x_{t_i}
-    history: jax.Array  # [order, B, ...] model outputs, most recent first
+    history: jax.Array  # [order, B, ...] ring buffer of model outputs: step j's in slot j % order
 
 
 def multistep_order(i, order: int, num_steps: int, lower_order_final: bool, tail_steps: int = 0):
@@ -45,84 +51,69 @@ def multistep_order(i, order: int, num_steps: int, lower_order_final: bool, tail
     return step_order
 
 
-def multistep_update(x, history, lambdas, s, t, step_order, *, data: bool, solver_type: str,
-                     exact_third_order: bool = False):
-    """One multistep exponential-integrator step of order ``step_order`` (1..len(history)).
+def multistep_weights(lambdas, s, t, step_order, order: int, *, data: bool, solver_type: str,
+                      exact_third_order: bool = False):
+    """(ratio, w): x_t = ratio x_s + sum_k w[k] m_k for the multistep step of ``step_order``.
 
-    ``lambdas`` are lambda at the history points (most recent first), s/t the Coefficients at both ends.
+    ``lambdas`` [order(, B)] are lambda at the history points (lag 0 = t_i first); s, t the Coefficients at
+    both ends. Returns ratio (scalar or [B]) and w [order(, B)] by lag.
     """
     h = t.lam - s.lam
     hh = -h if data else h
-    c = expand_like(t.alpha if data else t.sigma, x)
-    ratio = expand_like(t.sigma / s.sigma if data else t.alpha / s.alpha, x)
-    m0 = history[0]
-    x_next = ratio * x - c * expand_like(phi_1(hh), x) * m0
-    order = history.shape[0]
+    c = t.alpha if data else t.sigma
+    ratio = t.sigma / s.sigma if data else t.alpha / s.alpha
+    zero = jnp.zeros_like(h)
+    e1 = phi_1(hh)
+    first = [-c * e1] + [zero] * (order - 1)
     if order == 1:
-        return x_next
+        return ratio, jnp.stack(first)
     use2 = step_order >= 2
     r0 = safe_divisor((lambdas[0] - lambdas[1]) / h, use2)
-    d1_0 = (m0 - history[1]) / expand_like(r0, x)
-    if solver_type == "dpmsolver":
-        second = 0.5 * expand_like(phi_1(hh), x) * d1_0
-    else:
-        second = expand_like(phi_2(hh), x) * d1_0
-    update2 = x_next - c * second
+    d1_0 = [1.0 / r0, -1.0 / r0] + [zero] * (order - 2)   # D1_0 = (m_0 - m_1) / r_0, by lag
+    k2 = 0.5 * e1 if solver_type == "dpmsolver" else phi_2(hh)
+    second = [f - c * k2 * d for f, d in zip(first, d1_0)]
+    w = jnp.where(use2, jnp.stack(second), jnp.stack(first))
     if order == 2:
-        return jnp.where(use2, update2, x_next)
+        return ratio, w
     use3 = step_order >= 3
     r1 = safe_divisor((lambdas[1] - lambdas[2]) / h, use3)
-    d1_1 = (history[1] - history[2]) / expand_like(r1, x)
-    r0e, r1e = expand_like(r0, x), expand_like(r1, x)
-    d1 = d1_0 + r0e / (r0e + r1e) * (d1_0 - d1_1)
-    d2 = (d1_0 - d1_1) / (r0e + r1e) * (2.0 if exact_third_order else 1.0)
-    update3 = x_next - c * (expand_like(phi_2(hh), x) * d1 + expand_like(phi_3(hh), x) * d2)
-    return jnp.where(use3, update3, jnp.where(use2, update2, x_next))
+    d1_1 = [zero, 1.0 / r1, -1.0 / r1]                      # D1_1 = (m_1 - m_2) / r_1
+    diff = [a - b for a, b in zip(d1_0, d1_1)]
+    d1 = [a + r0 / (r0 + r1) * d for a, d in zip(d1_0, diff)]
+    d2 = [d / (r0 + r1) * (2.0 if exact_third_order else 1.0) for d in diff]
+    third = [f - c * (phi_2(hh) * a + phi_3(hh) * b) for f, a, b in zip(first, d1, d2)]
+    return ratio, jnp.where(use3, jnp.stack(third), w)
 
 
-def make_multistep(schedule, timesteps, *, order: int, data: bool, solver_type: str = "dpmsolver",
-                   lower_order_final: bool = True, exact_third_order: bool = False, _tail_steps: int = 0,
+def make_multistep(schedule, num_steps: int, *, order: int, data: bool, solver_type: str = "dpmsolver",
+                   lower_order_final: bool = True, exact_third_order: bool = False, tail_steps: int = 0,
                    name: str = "") -> Solver:
+    """Multistep DPM-Solver(++) of ``order`` over ``num_steps`` grid intervals (``tail_steps``: steps the
+    driver runs after this solver, counted by ``lower_order_final``)."""
     check_order(name, order, (1, 2, 3))
     if solver_type not in SOLVER_TYPES:
-        raise ValueError(f"{name}: solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
-    num_steps = timesteps.shape[0] - 1
+        raise ValueError(f"solver {name!r}: solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
+    check_flag(name, "lower_order_final", lower_order_final)
+    check_flag(name, "exact_third_order", exact_third_order)
 
-    def init(x_T, key):
+    def init(x_T, key, grid):
         return MultistepState(x=x_T, history=jnp.zeros((order,) + x_T.shape, x_T.dtype))
 
-    def query(state, i):
-        return state.x, timesteps[i]
+    def query(state, i, grid):
+        return state.x, grid["t"][i]
 
-    def update(state, i, out):
-        x = state.x
+    def update(state, i, grid, out):
+        times = grid["t"]
         m = out.x0 if data else out.eps
-        history = jnp.concatenate([m[None], state.history[:-1]])
-        lambdas = jnp.stack([at_time(schedule, timesteps[jnp.maximum(i - k, 0)], x.dtype).lam
-                             for k in range(order)])
-        s = at_time(schedule, timesteps[i], x.dtype)
-        t = at_time(schedule, timesteps[i + 1], x.dtype)
-        step_order = multistep_order(i, order, num_steps, lower_order_final, _tail_steps)
-        x_next = multistep_update(x, history, lambdas, s, t, step_order, data=data, solver_type=solver_type,
-                                  exact_third_order=exact_third_order)
+        # write first, read after: the step's reads then follow the in-place update (no copy of the history)
+        history = jax.lax.dynamic_update_index_in_dim(state.history, m, ring_slot(i, order), 0)
+        lambdas = jnp.stack([at_time(schedule, times[jnp.maximum(i - k, 0)]).lam for k in range(order)])
+        s, t = at_time(schedule, times[i]), at_time(schedule, times[i + 1])
+        step_order = multistep_order(i, order, num_steps, lower_order_final, tail_steps)
+        ratio, w = multistep_weights(lambdas, s, t, step_order, order, data=data, solver_type=solver_type,
+                                     exact_third_order=exact_third_order)
+        x_next = expand_like(ratio, state.x) * state.x + combine_lags(history, w, i)
         return MultistepState(x=x_next, history=history)
 
     return Solver(num_model_calls=num_steps, init=init, query=query, update=update,
                   output=lambda state: state.x, uses="x0" if data else "eps")
-
-
-_MULTISTEP_OPTIONS = ("solver_type", "lower_order_final", "exact_third_order", "_tail_steps")
-
-
-def _register_multistep(name: str, order: int, data: bool):
-    @register(name, options=_MULTISTEP_OPTIONS, min_nfe=lambda **_: 1)
-    def make(schedule, timesteps, **options):
-        return make_multistep(schedule, timesteps, order=order, data=data, name=name, **options)
-    make.__doc__ = f"{'DPM-Solver++' if data else 'DPM-Solver'} multistep order {order}."
-    return make
-
-
-make_dpm_solver_2m = _register_multistep("dpm_solver_2m", 2, data=False)
-make_dpm_solver_3m = _register_multistep("dpm_solver_3m", 3, data=False)
-make_dpmpp_2m = _register_multistep("dpmpp_2m", 2, data=True)
-make_dpmpp_3m = _register_multistep("dpmpp_3m", 3, data=True)

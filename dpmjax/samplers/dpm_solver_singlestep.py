@@ -46,8 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpmjax.samplers.base import Coefficients, Solver, at_time, expand_like, phi_1, phi_2, phi_3, register, \
-    safe_divisor
+from dpmjax.samplers.base import Coefficients, Solver, at_time, expand_like, phi_1, phi_2, phi_3, safe_divisor
 from dpmjax.schedules import lambda_on_host, t_of_lambda_on_host, time_grid
 
 __all__ = ["singlestep_orders", "singlestep_grid", "make_singlestep", "first_order_update",
@@ -164,39 +163,38 @@ def _stage_table(num_evals: int, order: int):
     return tuple(np.asarray(a, np.int32) for a in (stage, step_order, start))
 
 
-def make_singlestep(schedule, timesteps, *, order: int, data: bool, solver_type: str = "dpmsolver",
+def make_singlestep(schedule, num_evals: int, *, order: int, data: bool, solver_type: str = "dpmsolver",
                     name: str = "") -> Solver:
-    """Singlestep DPM-Solver(++) of ``order`` over the N + 1 times of ``timesteps`` (N model calls)."""
+    """Singlestep DPM-Solver(++) of ``order`` over a grid of N + 1 times (N = ``num_evals`` model calls)."""
     if solver_type not in SOLVER_TYPES:
-        raise ValueError(f"{name}: solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
-    num_evals = timesteps.shape[0] - 1
+        raise ValueError(f"solver {name!r}: solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
     stage_np, order_np, start_np = _stage_table(num_evals, order)
     max_order = int(order_np.max())
     stage_tab, order_tab, start_tab = (jnp.asarray(a) for a in (stage_np, order_np, start_np))
     num_stored = max(max_order - 1, 1)
 
-    def init(x_T, key):
+    def init(x_T, key, grid):
         return SinglestepState(x=x_T, x_s=x_T, stages=jnp.zeros((num_stored,) + x_T.shape, x_T.dtype))
 
-    def query(state, i):
-        return state.x, timesteps[i]
+    def query(state, i, grid):
+        return state.x, grid["t"][i]
 
-    def update(state, i, out):
+    def update(state, i, grid, out):
         m = out.x0 if data else out.eps
-        dtype = state.x.dtype
+        timesteps = grid["t"]
         stage, step_order, j0 = stage_tab[i], order_tab[i], start_tab[i]
         first = stage == 0
         x_s = jnp.where(first, state.x, state.x_s)
         m0 = jnp.where(first, m, state.stages[0])
-        s = at_time(schedule, timesteps[j0], dtype)
-        nxt = at_time(schedule, timesteps[i + 1], dtype)  # every call's result lives at the next grid point
+        s = at_time(schedule, timesteps[j0])
+        nxt = at_time(schedule, timesteps[i + 1])  # every call's result lives at the next grid point
         # stage 0: u_1 (or x_t for an order-1 step); both are first-order steps from x_s.
         x_next = first_order_update(x_s, m0, s, nxt, data=data)
         if max_order >= 2:
-            end = at_time(schedule, timesteps[j0 + step_order], dtype)
+            end = at_time(schedule, timesteps[j0 + step_order])
             h = end.lam - s.lam
             later = stage >= 1
-            s1 = at_time(schedule, timesteps[j0 + 1], dtype)
+            s1 = at_time(schedule, timesteps[j0 + 1])
             r1 = safe_divisor((s1.lam - s.lam) / safe_divisor(h, later), later)
             m1 = jnp.where(stage == 1, m, state.stages[num_stored - 1])
             final2 = (stage == 1) & (step_order == 2)
@@ -204,7 +202,7 @@ def make_singlestep(schedule, timesteps, *, order: int, data: bool, solver_type:
                                                            solver_type=solver_type), x_next)
         if max_order >= 3:
             use3 = later & (step_order == 3)
-            s2 = at_time(schedule, timesteps[jnp.minimum(j0 + 2, num_evals)], dtype)
+            s2 = at_time(schedule, timesteps[jnp.minimum(j0 + 2, num_evals)])
             r2 = safe_divisor((s2.lam - s.lam) / safe_divisor(h, use3), use3)
             u2 = third_order_stage(x_s, m0, m1, s, nxt, r1, r2, data=data)
             final3 = use3 & (stage == 2)
@@ -216,19 +214,3 @@ def make_singlestep(schedule, timesteps, *, order: int, data: bool, solver_type:
 
     return Solver(num_model_calls=num_evals, init=init, query=query, update=update,
                   output=lambda state: state.x, uses="x0" if data else "eps")
-
-
-def _register_singlestep(name: str, order: int, data: bool):
-    @register(name, options=("solver_type",), steps_for_nfe=lambda nfe, **_: nfe, min_nfe=lambda **_: 1,
-              grid=singlestep_grid(order))
-    def make(schedule, timesteps, **options):
-        return make_singlestep(schedule, timesteps, order=order, data=data, name=name, **options)
-    kind = "DPM-Solver++" if data else "DPM-Solver"
-    make.__doc__ = f"Singlestep {kind}-{order} with the official order mixing; options: solver_type."
-    return make
-
-
-make_dpm_solver_1 = _register_singlestep("dpm_solver_1", 1, data=False)
-make_dpm_solver_2 = _register_singlestep("dpm_solver_2", 2, data=False)
-make_dpm_solver_3 = _register_singlestep("dpm_solver_3", 3, data=False)
-make_dpmpp_2s = _register_singlestep("dpmpp_2s", 2, data=True)

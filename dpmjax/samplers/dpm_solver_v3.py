@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpmjax.ems import EMS, schedule_at
-from dpmjax.samplers.base import Solver, check_order, register
+from dpmjax.samplers.base import Solver, check_order, ring_slot
 from dpmjax.schedules import time_grid
 
 HALF_T = 0.5  # the half-corrector boundary (paper Sec. 3.3)
@@ -51,7 +51,7 @@ _MAX_K = 3    # derivatives up to the 3rd (pseudo 4th-order corrector with order
 class V3State(NamedTuple):
     x: jax.Array        # [B, ...] predicted x at t_i: where iteration i evaluates the model
     x_prev: jax.Array   # [B, ...] corrected x at t_{i-1}: the start of the step the corrector redoes
-    history: jax.Array  # [order, B, ...] f at t_{i-1}, t_{i-2}, .. (most recent first)
+    history: jax.Array  # [order + 1, B, ...] ring buffer of f (step j's in slot j % (order + 1))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def snap_to_ems(ems: EMS, times):
     return idx, ems.t_grid[idx]
 
 
-def _grid(schedule, num_steps, spacing, t_start, t_end, ems=None, **_):
+def grid_dpm_solver_v3(schedule, num_steps, spacing, t_start, t_end, ems=None, **_):
     """The driver's grid for ``nfe``: the EMS range by default, snapped to the EMS grid."""
     if isinstance(ems, EMS):
         ems.check_schedule(schedule)
@@ -248,7 +248,9 @@ def _grid(schedule, num_steps, spacing, t_start, t_end, ems=None, **_):
 # The solver.
 # ---------------------------------------------------------------------------------------------------
 
-OPTIONS = ("ems", "order", "p_pseudo", "use_corrector", "c_pseudo", "lower_order_final", "half", "_tail_steps")
+OPTIONS = ("ems", "order", "p_pseudo", "use_corrector", "c_pseudo", "lower_order_final", "half")
+PREPARED_OPTIONS = ("ems", "p_pseudo", "use_corrector", "c_pseudo", "lower_order_final", "half")
+_LEAD = {"c_m": 2, "p_m": 2}  # table axes before the batch axis: [steps, (width,) batch or 1, *stat_shape]
 
 
 def _check_bool(name, value):
@@ -257,11 +259,56 @@ def _check_bool(name, value):
     return bool(value)
 
 
-@register("dpm_solver_v3", options=OPTIONS, grid=_grid)
-def make_dpm_solver_v3(schedule, timesteps, *, ems: EMS | None = None, order: int = 3, p_pseudo: bool = False,
-                       use_corrector: bool = True, c_pseudo: bool = True, lower_order_final: bool = True,
-                       half: bool = False, _tail_steps: int = 0) -> Solver:
+def make_dpm_solver_v3(schedule, num_steps: int, *, order: int = 3) -> Solver:
     """DPM-Solver-v3 multistep predictor(-corrector), one model call per step.
+
+    Every step is x_t = A x_c + sum_j M_j f_j + c with f-history and corrector tables computed on the host by
+    ``prepare_dpm_solver_v3`` (grid data ``grid["tables"]``, ``grid["stat_shape"]`` is implied by their shape).
+    """
+    name = "dpm_solver_v3"
+    order = check_order(name, order, (1, 2, 3))
+    width = order + 1
+
+    def tables(grid, x):
+        out = {}
+        for k, v in grid["tables"].items():
+            lead = _LEAD.get(k, 1)
+            stat_ndim = v.ndim - lead - 1
+            extra = x.ndim - 1 - stat_ndim
+            out[k] = v.reshape(v.shape[:lead + 1] + (1,) * extra + v.shape[lead + 1:])
+        return out
+
+    def init(x_T, key, grid):
+        stat_shape = grid["tables"]["f_coef"].shape[2:]
+        if stat_shape and tuple(x_T.shape[1:]) != tuple(stat_shape):
+            raise ValueError(f"solver {name!r}: x_T has data shape {tuple(x_T.shape[1:])} but the EMS were "
+                             f"computed for {tuple(stat_shape)}")
+        return V3State(x=x_T, x_prev=x_T, history=jnp.zeros((order + 1,) + x_T.shape, x_T.dtype))
+
+    def query(state, i, grid):
+        return state.x, grid["t"][i]
+
+    def update(state, i, grid, out):
+        tab = {k: v[i] for k, v in tables(grid, state.x).items()}
+        f_i = tab["f_coef"].astype(state.x.dtype) * state.x - out.x0
+        # write first, read after (no copy of the ring): f at t_i, t_{i-1}, .., t_{i-order} by lag
+        history = jax.lax.dynamic_update_index_in_dim(state.history, f_i, ring_slot(i, order + 1), 0)
+        f_all = [jax.lax.dynamic_index_in_dim(history, ring_slot(i - k, order + 1), 0, keepdims=False)
+                 for k in range(width)]
+        cast = {k: v.astype(state.x.dtype) for k, v in tab.items()}
+        x_c = (cast["c_self"] * state.x + cast["c_a"] * state.x_prev
+               + sum(cast["c_m"][m] * f_all[m] for m in range(width)) + cast["c_c"])  # corrector at t_i (or x_i)
+        x_next = cast["p_a"] * x_c + sum(cast["p_m"][m] * f_all[m] for m in range(width)) + cast["p_c"]
+        return V3State(x=x_next, x_prev=x_c, history=history)
+
+    return Solver(num_model_calls=num_steps, init=init, query=query, update=update,
+                  output=lambda state: state.x, uses="x0")
+
+
+def prepare_dpm_solver_v3(schedule, times, *, ems: EMS | None = None, order: int = 3, p_pseudo: bool = False,
+                          use_corrector: bool = True, c_pseudo: bool = True, lower_order_final: bool = True,
+                          half: bool = False, tail_steps: int = 0) -> dict:
+    """Grid data of DPM-Solver-v3: the times snapped to the EMS grid and the per-step coefficient tables.
 
     Args:
       ems: ``dpmjax.ems.EMS`` for this model and schedule; None: degenerate statistics (DPM-Solver++ form).
@@ -272,6 +319,8 @@ def make_dpm_solver_v3(schedule, timesteps, *, ems: EMS | None = None, order: in
         corrector of the predictor's order with exact derivatives.
       lower_order_final: lower the order near the end to the steps left (official default on).
       half: corrector only at t <= 0.5 (the paper's text; the official code uses t > 0.5, see module doc).
+    The tables are computed on the host in float64 (quadrature over the EMS grid between snapped indices), so the
+    times must be concrete; another grid of the same length gives new tables of the same shapes (no recompile).
     """
     name = "dpm_solver_v3"
     order = check_order(name, order, (1, 2, 3))
@@ -281,10 +330,11 @@ def make_dpm_solver_v3(schedule, timesteps, *, ems: EMS | None = None, order: in
     if ems is not None and not isinstance(ems, EMS):
         raise ValueError(f"solver {name!r}: ems must be a dpmjax.ems.EMS (compute_ems / load_ems) or None, "
                          f"got {type(ems).__name__}")
-    if isinstance(timesteps, jax.core.Tracer):
+    try:
+        times = np.asarray(times, np.float64)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         raise ValueError(f"solver {name!r} needs concrete timesteps (they are snapped to the EMS grid and its "
-                         "coefficients are computed on the host); do not pass traced timesteps")
-    times = np.asarray(timesteps, np.float64)
+                         "coefficients are computed on the host); do not pass traced timesteps") from None
     if ems is not None:
         ems.check_schedule(schedule)
         idx, times = snap_to_ems(ems, times)
@@ -298,39 +348,10 @@ def make_dpm_solver_v3(schedule, timesteps, *, ems: EMS | None = None, order: in
     built = []
     cumulative = _EMSIntegrals(ems) if ems is not None else None
     for col in columns:
-        pick = (lambda a: a[:, col]) if per_sample else (lambda a: a)
+        pick = (lambda a: a[:, col]) if per_sample else (lambda a: a)  # noqa: E731
         integrals = cumulative.at(pick(idx)) if ems is not None else _DegenerateIntegrals(pick(lams))
         built.append(_column_tables(integrals, pick(lams), pick(alphas), pick(times), order=order,
-                                    tail_steps=int(_tail_steps), **flags))
+                                    tail_steps=int(tail_steps), **flags))
     # Host layout [steps, (width,) batch or 1, *stat_shape]; trailing unit axes are added at trace time.
-    lead = {"c_m": 2, "p_m": 2}
-    host = {k: np.stack([b[k] for b in built], axis=lead.get(k, 1)) for k in built[0]}
-    stat_shape = ems.shape if ems is not None else ()
-    num_steps = times.shape[0] - 1
-    query_times = times[:-1]
-
-    def tables(x):
-        extra = x.ndim - 1 - len(stat_shape)
-        return {k: jnp.asarray(v.reshape(v.shape[:lead.get(k, 1) + 1] + (1,) * extra + v.shape[lead.get(k, 1) + 1:]),
-                               x.dtype) for k, v in host.items()}
-
-    def init(x_T, key):
-        if ems is not None and tuple(x_T.shape[1:]) != tuple(stat_shape):
-            raise ValueError(f"solver {name!r}: x_T has data shape {tuple(x_T.shape[1:])} but the EMS were "
-                             f"computed for {tuple(stat_shape)}")
-        return V3State(x=x_T, x_prev=x_T, history=jnp.zeros((order,) + x_T.shape, x_T.dtype))
-
-    def query(state, i):
-        return state.x, jnp.asarray(query_times)[i]
-
-    def update(state, i, out):
-        tab = tables(state.x)
-        f_i = tab["f_coef"][i] * state.x - out.x0
-        f_all = jnp.concatenate([f_i[None], state.history])            # f at t_i, t_{i-1}, .., t_{i-order}
-        x_c = (tab["c_self"][i] * state.x + tab["c_a"][i] * state.x_prev
-               + jnp.sum(tab["c_m"][i] * f_all, axis=0) + tab["c_c"][i])  # corrector at t_i (or x_i as is)
-        x_next = tab["p_a"][i] * x_c + jnp.sum(tab["p_m"][i] * f_all, axis=0) + tab["p_c"][i]
-        return V3State(x=x_next, x_prev=x_c, history=f_all[:order])
-
-    return Solver(num_model_calls=num_steps, init=init, query=query, update=update,
-                  output=lambda state: state.x, uses="x0")
+    host = {k: np.stack([b[k] for b in built], axis=_LEAD.get(k, 1)) for k in built[0]}
+    return {"t": times, "tables": host}

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dpmjax.samplers.base import Solver, at_time, expand_like, register, safe_divisor
+from dpmjax.samplers.base import Solver, at_time, expand_like, safe_divisor
 
 
 class EulerState(NamedTuple):
@@ -35,9 +35,9 @@ class HeunState(NamedTuple):
     slope: jax.Array   # [B, ...] d_i, the first slope of the current step
 
 
-def _ve(schedule, t, dtype):
+def _ve(schedule, t):
     """alpha and sigma_ve = e^{-lambda} at t."""
-    c = at_time(schedule, t, dtype)
+    c = at_time(schedule, t)
     return c.alpha, jnp.exp(-c.lam)
 
 
@@ -46,21 +46,19 @@ def _slope(x, x0, alpha, sigma_ve):
     return (x / expand_like(alpha, x) - x0) / expand_like(sigma_ve, x)
 
 
-@register("euler", options=())
-def make_euler(schedule, timesteps) -> Solver:
+def make_euler(schedule, num_steps: int) -> Solver:
     """Euler in sigma_ve (Karras et al. 2022, Alg. 1 without line 6): y_{i+1} = y_i + (sigma_{i+1} - sigma_i) d_i."""
-    num_steps = timesteps.shape[0] - 1
 
-    def init(x_T, key):
+    def init(x_T, key, grid):
         return EulerState(x=x_T)
 
-    def query(state, i):
-        return state.x, timesteps[i]
+    def query(state, i, grid):
+        return state.x, grid["t"][i]
 
-    def update(state, i, out):
+    def update(state, i, grid, out):
         x = state.x
-        alpha, sigma = _ve(schedule, timesteps[i], x.dtype)
-        alpha_next, sigma_next = _ve(schedule, timesteps[i + 1], x.dtype)
+        alpha, sigma = _ve(schedule, grid["t"][i])
+        alpha_next, sigma_next = _ve(schedule, grid["t"][i + 1])
         y_next = x / expand_like(alpha, x) + expand_like(sigma_next - sigma, x) * _slope(x, out.x0, alpha, sigma)
         return EulerState(x=expand_like(alpha_next, x) * y_next)
 
@@ -68,30 +66,28 @@ def make_euler(schedule, timesteps) -> Solver:
                   output=lambda state: state.x, uses="x0")
 
 
-def _heun_steps_for_nfe(nfe, **_):
+def heun_steps_for_nfe(nfe, **_):
     if nfe % 2:
         raise ValueError(f"heun takes 2 model calls per step, so the NFE it spends on the grid (nfe, minus 1 with "
                          f"final_sigma='zero' or denoise_to_zero) must be even, got {nfe}")
     return nfe // 2
 
 
-@register("heun", options=(), steps_for_nfe=_heun_steps_for_nfe, min_nfe=lambda **_: 2)
-def make_heun(schedule, timesteps) -> Solver:
+def make_heun(schedule, num_steps: int) -> Solver:
     """Heun's method in sigma_ve (Karras et al. 2022, Alg. 1): 2 model calls per step; iteration j makes
     call j % 2 of step j // 2."""
-    num_steps = timesteps.shape[0] - 1
 
-    def init(x_T, key):
+    def init(x_T, key, grid):
         return HeunState(x=x_T, x_eval=x_T, slope=jnp.zeros_like(x_T))
 
-    def query(state, j):
-        return state.x_eval, timesteps[j // 2 + j % 2]
+    def query(state, j, grid):
+        return state.x_eval, grid["t"][j // 2 + j % 2]
 
-    def update(state, j, out):
+    def update(state, j, grid, out):
         x = state.x
         i, second = j // 2, (j % 2) == 1
-        alpha, sigma = _ve(schedule, timesteps[i], x.dtype)
-        alpha_next, sigma_next = _ve(schedule, timesteps[i + 1], x.dtype)
+        alpha, sigma = _ve(schedule, grid["t"][i])
+        alpha_next, sigma_next = _ve(schedule, grid["t"][i + 1])
         y = x / expand_like(alpha, x)
         dsigma = expand_like(sigma_next - sigma, x)
         # first call: d_i at (x_i, sigma_i); the Euler point y~ is where the second call evaluates.

@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpmjax.samplers.base import Solver, at_time, expand_like, register
+from dpmjax.samplers.base import Solver, at_time, combine_lags, expand_like, ring_slot
 
 # Adams-Bashforth weights (most recent first) of the pseudo linear multistep step.
 ADAMS_BASHFORTH = {
@@ -71,7 +71,7 @@ class PNDMState(NamedTuple):
     x: jax.Array        # [B, ...] sample at the start of the current step, x_i
     x_eval: jax.Array   # [B, ...] where the next model call evaluates
     acc: jax.Array      # [B, ...] weighted sum of the current step's stage outputs so far
-    history: jax.Array  # [H, B, ...] first-stage eps of the latest steps, most recent first
+    history: jax.Array  # [H, B, ...] ring buffer of the steps' first-stage eps (step i's in slot i % H)
 
 
 class StageTable(NamedTuple):
@@ -133,35 +133,37 @@ def transfer(x, eps, s, t):
     return expand_like(t.alpha / s.alpha, x) * x - expand_like(t.sigma * jnp.expm1(t.lam - s.lam), x) * eps
 
 
-def make_pndm_family(schedule, timesteps, method: str) -> Solver:
-    """Build one of ``METHODS`` on the grid ``timesteps`` ([N+1] or [N+1, B])."""
-    num_steps = timesteps.shape[0] - 1
+def make_pndm_family(schedule, num_steps: int, method: str) -> Solver:
+    """One of ``METHODS`` over ``num_steps`` grid intervals (the grid, [N+1] or [N+1, B], is the step's data)."""
     table = stage_table(method, num_steps)
     size = history_size(method)
+    step_of, first_of, last_of = (jnp.asarray(a) for a in (table.step, table.first, table.last))
 
-    def time_at(i, frac):
+    def time_at(times, i, frac):
         # (1 - f) t_i + f t_{i+1}: exactly t_i for f = 0 and t_{i+1} for f = 1.
-        frac = frac.astype(timesteps.dtype)
-        return (1.0 - frac) * timesteps[i] + frac * timesteps[i + 1]
+        frac = frac.astype(times.dtype)
+        return (1.0 - frac) * times[i] + frac * times[i + 1]
 
-    def init(x_T, key):
+    def init(x_T, key, grid):
         zeros = jnp.zeros_like(x_T)
         return PNDMState(x=x_T, x_eval=x_T, acc=zeros, history=jnp.zeros((size,) + x_T.shape, x_T.dtype))
 
-    def query(state, j):
-        return state.x_eval, time_at(jnp.asarray(table.step)[j], jnp.asarray(table.frac)[j])
+    def query(state, j, grid):
+        return state.x_eval, time_at(grid["t"], step_of[j], jnp.asarray(table.frac)[j])
 
-    def update(state, j, out):
-        x, eps = state.x, out.eps
-        dtype = x.dtype
-        i = jnp.asarray(table.step)[j]
-        first, last = jnp.asarray(table.first)[j], jnp.asarray(table.last)[j]
-        history = jnp.where(first, jnp.concatenate([eps[None], state.history[:-1]]), state.history)
-        acc = state.acc + jnp.asarray(table.weight, dtype)[j] * eps
-        combined = acc + jnp.tensordot(jnp.asarray(table.hist_weight, dtype)[j], history, axes=1)
-        direction = jnp.where(last, combined, eps)
-        s = at_time(schedule, timesteps[i], dtype)
-        t = at_time(schedule, time_at(i, jnp.asarray(table.next_frac)[j]), dtype)
+    def update(state, j, grid, out):
+        x, eps, times = state.x, out.eps, grid["t"]
+        i, first, last = step_of[j], first_of[j], last_of[j]
+        # the step's first-stage eps enters the history ring (slot i % size), written in place
+        slot = ring_slot(i, size)
+        kept = jax.lax.dynamic_index_in_dim(state.history, slot, 0, keepdims=False)
+        history = jax.lax.dynamic_update_index_in_dim(state.history, jnp.where(first, eps, kept), slot, 0)
+        weight = jnp.asarray(table.weight)[j]
+        acc = state.acc + expand_like(weight, eps) * eps
+        older = jnp.asarray(table.hist_weight)[j][1:]  # lags 1.. of step i (lag 0, its own eps, is in acc)
+        direction = jnp.where(last, acc + combine_lags(history, older, i - 1), eps)
+        s = at_time(schedule, times[i])
+        t = at_time(schedule, time_at(times, i, jnp.asarray(table.next_frac)[j]))
         x_new = transfer(x, direction, s, t)
         return PNDMState(x=jnp.where(last, x_new, x), x_eval=x_new,
                          acc=jnp.where(last, jnp.zeros_like(acc), acc), history=history)
@@ -170,27 +172,24 @@ def make_pndm_family(schedule, timesteps, method: str) -> Solver:
                   output=lambda state: state.x, uses="eps")
 
 
-def _pndm_steps_for_nfe(nfe, **_):
+def pndm_steps_for_nfe(nfe, **_):
     return nfe - 4 * RUNGE_KUTTA_STEPS + RUNGE_KUTTA_STEPS
 
 
-@register("pndm", options=(), steps_for_nfe=_pndm_steps_for_nfe, min_nfe=lambda **_: 4 * RUNGE_KUTTA_STEPS)
-def make_pndm(schedule, timesteps) -> Solver:
+def make_pndm(schedule, num_steps: int) -> Solver:
     """F-PNDM: 3 pseudo-RK4 steps, then pseudo AB4 (Liu et al. 2022, eqs. 12-13); NFE = steps + 9.
 
     ``nfe`` = 12 gives 3 pseudo-RK4 steps only (diffusers needs >= 4 steps, i.e. nfe >= 13); an explicit
     grid of 1 or 2 steps costs 4 calls per step.
     """
-    return make_pndm_family(schedule, timesteps, "pndm")
+    return make_pndm_family(schedule, num_steps, "pndm")
 
 
-@register("s_pndm", options=(), steps_for_nfe=lambda nfe, **_: nfe - 1, min_nfe=lambda **_: 2)
-def make_s_pndm(schedule, timesteps) -> Solver:
+def make_s_pndm(schedule, num_steps: int) -> Solver:
     """S-PNDM: a pseudo improved-Euler first step, then pseudo AB2 (Liu et al. 2022, Sec. 4); NFE = steps + 1."""
-    return make_pndm_family(schedule, timesteps, "s_pndm")
+    return make_pndm_family(schedule, num_steps, "s_pndm")
 
 
-@register("plms", options=(), steps_for_nfe=lambda nfe, **_: nfe - 1, min_nfe=lambda **_: 2)
-def make_plms(schedule, timesteps) -> Solver:
+def make_plms(schedule, num_steps: int) -> Solver:
     """PLMS as diffusers' PNDMScheduler(skip_prk_steps=True): improved-Euler first step, then AB2, AB3, AB4."""
-    return make_pndm_family(schedule, timesteps, "plms")
+    return make_pndm_family(schedule, num_steps, "plms")

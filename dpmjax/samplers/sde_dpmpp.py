@@ -20,7 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dpmjax.samplers.base import Solver, at_time, expand_like, register, safe_divisor
+from dpmjax.samplers.base import Solver, at_time, check_flag, combine, combine_lags, ring_slot, safe_divisor
 from dpmjax.samplers.dpm_solver import multistep_order
 
 __all__ = ["make_sde_dpmpp_2m", "SOLVER_TYPES"]
@@ -32,45 +32,42 @@ _ALIASES = {"dpmsolver": "midpoint", "taylor": "heun"}
 
 class SDEMultistepState(NamedTuple):
     x: jax.Array        # [B, ...] current sample x_{t_i}
-    history: jax.Array  # [2, B, ...] x0-predictions at t_i, t_{i-1}
+    history: jax.Array  # [2, B, ...] ring buffer of x0-predictions (step j's in slot j % 2)
     key: jax.Array      # PRNG key
 
 
-@register("sde_dpmpp_2m", options=("solver_type", "lower_order_final", "_tail_steps"), stochastic=True)
-def make_sde_dpmpp_2m(schedule, timesteps, *, solver_type: str = "midpoint", lower_order_final: bool = True,
-                      _tail_steps: int = 0) -> Solver:
+def make_sde_dpmpp_2m(schedule, num_steps: int, *, solver_type: str = "midpoint", lower_order_final: bool = True,
+                      tail_steps: int = 0) -> Solver:
     """SDE-DPM-Solver++(2M) (stochastic: pass ``key``); options ``solver_type``, ``lower_order_final``."""
     if solver_type not in SOLVER_TYPES:
-        raise ValueError(f"sde_dpmpp_2m: solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
+        raise ValueError(f"solver 'sde_dpmpp_2m': solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
+    check_flag("sde_dpmpp_2m", "lower_order_final", lower_order_final)
     solver_type = _ALIASES.get(solver_type, solver_type)
-    num_steps = timesteps.shape[0] - 1
 
-    def init(x_T, key):
+    def init(x_T, key, grid):
         return SDEMultistepState(x=x_T, history=jnp.zeros((2,) + x_T.shape, x_T.dtype), key=key)
 
-    def query(state, i):
-        return state.x, timesteps[i]
+    def query(state, i, grid):
+        return state.x, grid["t"][i]
 
-    def update(state, i, out):
-        x = state.x
-        history = jnp.stack([out.x0, state.history[0]])
-        prev = at_time(schedule, timesteps[jnp.maximum(i - 1, 0)], x.dtype)
-        s = at_time(schedule, timesteps[i], x.dtype)
-        t = at_time(schedule, timesteps[i + 1], x.dtype)
+    def update(state, i, grid, out):
+        x, times = state.x, grid["t"]
+        history = jax.lax.dynamic_update_index_in_dim(state.history, out.x0, ring_slot(i, 2), 0)
+        prev = at_time(schedule, times[jnp.maximum(i - 1, 0)])
+        s, t = at_time(schedule, times[i]), at_time(schedule, times[i + 1])
         h = t.lam - s.lam
         one_minus = -jnp.expm1(-2.0 * h)  # 1 - e^{-2h}
         decay = t.sigma / s.sigma * jnp.exp(-h)
-        z = jax.random.normal(jax.random.fold_in(state.key, i), x.shape, x.dtype)
-        x_next = (expand_like(decay, x) * x + expand_like(t.alpha * one_minus, x) * history[0]
-                  + expand_like(t.sigma * jnp.sqrt(one_minus), x) * z)
-        use2 = multistep_order(i, 2, num_steps, lower_order_final, _tail_steps) >= 2
+        use2 = multistep_order(i, 2, num_steps, lower_order_final, tail_steps) >= 2
         r0 = safe_divisor((s.lam - prev.lam) / h, use2)
-        d1 = (history[0] - history[1]) / expand_like(r0, x)
         if solver_type == "midpoint":
             coef = 0.5 * t.alpha * one_minus
         else:
             coef = t.alpha * (one_minus / (-2.0 * h) + 1.0)
-        x_next = jnp.where(use2, x_next + expand_like(coef, x) * d1, x_next)
+        coef = jnp.where(use2, coef / r0, jnp.zeros_like(coef))  # of D1 = (m_0 - m_1) / r_0
+        weights = jnp.stack([t.alpha * one_minus + coef, -coef])  # by lag: m_0, m_1
+        z = jax.random.normal(jax.random.fold_in(state.key, i), x.shape, x.dtype)
+        x_next = combine([x, z], [decay, t.sigma * jnp.sqrt(one_minus)]) + combine_lags(history, weights, i)
         return SDEMultistepState(x=x_next, history=history, key=state.key)
 
     return Solver(num_model_calls=num_steps, init=init, query=query, update=update,

@@ -26,7 +26,7 @@ its update (a) applies UniC-p_{i-1} to get the corrected x_{t_i} (skipped at i =
 corrected x_{t_i} to t_{i+1}. The last grid point is never corrected (it has no model call), as in the paper.
 
 Step order p_i = min(order, i + 1) (warm-up), and with ``lower_order_final`` min(p_i, steps remaining),
-counting the driver's final step to sigma = 0 (``_tail_steps``). Unlike diffusers' DPM-Solver (and our
+counting the driver's final step to sigma = 0 (``tail_steps``). Unlike diffusers' DPM-Solver (and our
 ``dpm_solver`` module), the official UniPC code and diffusers' ``UniPCMultistepScheduler`` apply this
 always, with no "fewer than 15 steps" gate; we follow them.
 
@@ -48,7 +48,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dpmjax.samplers.base import Coefficients, Solver, at_time, check_order, expand_like, register
+from dpmjax.samplers.base import Coefficients, Solver, at_time, check_flag, check_order, combine_lags, expand_like, \
+    ring_slot
 
 VARIANTS = ("bh1", "bh2")
 _SERIES_BELOW = 0.5  # |hh| below which h phi_k comes from its Taylor series (cancellation-free)
@@ -58,7 +59,7 @@ _SERIES_TERMS = 12   # truncation error < 1e-14 relative at |hh| = 0.5
 class UniPCState(NamedTuple):
     x: jax.Array        # [B, ...] predictor output x~ at t_i: where iteration i evaluates the model
     x_prev: jax.Array   # [B, ...] corrected sample at t_{i-1}: the start of the step UniC redoes
-    history: jax.Array  # [order, B, ...] model outputs at t_{i-1}, t_{i-2}, ... (most recent first)
+    history: jax.Array  # [order + 1, B, ...] ring buffer of model outputs (step j's in slot j % (order + 1))
 
 
 def h_phis(hh):
@@ -104,19 +105,19 @@ def _lagrange_weights(nodes, g):
     return weights
 
 
-def unipc_step(x, history, lambdas, s, t, step_order, *, data: bool, variant: str, m_t=None):
-    """One UniP-p step (``m_t=None``) or UniC-p correction (``m_t`` = model output at the predicted x~_t).
+def unipc_weights(lambdas, s, t, step_order, order: int, *, data: bool, variant: str, corrector: bool = False):
+    """(ratio, w, w_t): one UniP-p step (``corrector=False``) or UniC-p correction as a linear combination
 
-    ``history`` [order, B, ...] holds m_0 (at s), m_1, ... ; ``lambdas`` [order] (or [order, B]) their lambdas;
-    s, t are the Coefficients at both ends; ``step_order`` (traced, 1..order) selects p. Entries of
-    ``history`` beyond p only enter through coefficients that are zero.
+        x_t = ratio x_s + sum_k w[k] m_k (+ w_t m_t),
+
+    with m_k the history by lag (m_0 at s, m_1, ... earlier; [order, B, ...]) and m_t the model output at the
+    predicted x~_t (corrector only). ``lambdas`` [order(, B)] are lambda at the history points; s, t the
+    Coefficients at both ends; ``step_order`` (traced, 1..order) selects p. History entries beyond p get weight 0.
     """
-    order = history.shape[0]
     h = t.lam - s.lam
     hh = -h if data else h
-    c = expand_like(t.alpha if data else t.sigma, x)
-    ratio = expand_like(t.sigma / s.sigma if data else t.alpha / s.alpha, x)
-    m0 = history[0]
+    c = t.alpha if data else t.sigma
+    ratio = t.sigma / s.sigma if data else t.alpha / s.alpha
     e = jnp.expm1(hh)
     b_h = hh if variant == "bh1" else e
     g = [f * k for f, k in zip(h_phis(hh), (1.0, 2.0, 6.0))]  # g_j = j! h phi_{j+1}(hh)
@@ -128,30 +129,29 @@ def unipc_step(x, history, lambdas, s, t, step_order, *, data: bool, variant: st
         r_k = (lambdas[k] - lambdas[0]) / h
         placeholder = -1.0 if k == 1 else r[-1] - 1.0
         r.append(jnp.where(step_order > k, r_k, placeholder))
-    d = [(history[k] - m0) / expand_like(r[k - 1], x) for k in range(1, order)]
 
-    # w = B(h) rho for each order p, selected by jnp.where on these scalars ([B] for per-sample grids).
+    # rho-weights (B(h) rho) of D_k = (m_k - m_0) / r_k, for each order p, selected by jnp.where on scalars.
     zero = jnp.zeros_like(h)
-    if m_t is None:
-        w = [zero for _ in d]
+    w = [zero for _ in r]
+    w_t = zero
+    if not corrector:
         if order >= 2:
             w[0] = jnp.where(step_order == 2, 0.5 * b_h, w[0])
         if order >= 3:
             w3 = _lagrange_weights(r[:2], g)
             w = [jnp.where(step_order == 3, w3[k], w[k]) for k in range(2)]
-        w_t = zero
     else:
-        w = [zero for _ in d]
         w_t = jnp.where(step_order == 1, 0.5 * b_h, zero)
         for p in range(2, order + 1):
             wp = _lagrange_weights(r[:p - 1] + [jnp.ones_like(h)], g)
-            w = [jnp.where(step_order == p, wp[k], w[k]) if k < p - 1 else w[k] for k in range(len(d))]
+            w = [jnp.where(step_order == p, wp[k], w[k]) if k < p - 1 else w[k] for k in range(len(r))]
             w_t = jnp.where(step_order == p, wp[-1], w_t)
 
-    correction = sum((expand_like(w_k, x) * d_k for w_k, d_k in zip(w, d)), jnp.zeros_like(x))
-    if m_t is not None:
-        correction = correction + expand_like(w_t, x) * (m_t - m0)
-    return ratio * x - c * expand_like(e, x) * m0 - c * correction
+    # x_t = ratio x_s - c e m_0 - c (sum_k w_k (m_k - m_0) / r_k + w_t (m_t - m_0)), regrouped by m.
+    by_d = [w_k / r_k for w_k, r_k in zip(w, r)]
+    lag0 = -c * e + c * (sum(by_d, zero) + w_t)
+    weights = jnp.stack([lag0] + [-c * v for v in by_d])
+    return ratio, weights, -c * w_t
 
 
 def unipc_order(i, order: int, num_steps: int, lower_order_final: bool, tail_steps: int = 0):
@@ -162,15 +162,9 @@ def unipc_order(i, order: int, num_steps: int, lower_order_final: bool, tail_ste
     return step_order
 
 
-def _check_flag(name, value):
-    if not isinstance(value, bool):
-        raise ValueError(f"unipc: {name} must be True or False, got {value!r}")
-    return value
-
-
-def make_unipc(schedule, timesteps, *, order: int = 2, variant: str = "bh2", predict_x0: bool = True,
+def make_unipc(schedule, num_steps: int, *, order: int = 2, variant: str = "bh2", predict_x0: bool = True,
                use_corrector: bool = True, lower_order_final: bool = True, disable_corrector=(),
-               _tail_steps: int = 0) -> Solver:
+               tail_steps: int = 0) -> Solver:
     """Multistep UniPC-p (UniP-p predictor + UniC-p corrector), one model call per step.
 
     Args:
@@ -183,62 +177,74 @@ def make_unipc(schedule, timesteps, *, order: int = 2, variant: str = "bh2", pre
         code and diffusers do).
       disable_corrector: iteration indices j whose predicted x~_{t_{j+1}} is not corrected (diffusers'
         ``disable_corrector``: at its ``step_index`` i the corrector is skipped when i - 1 is listed).
-      _tail_steps: steps run after this solver (the driver passes 1 for its final step to sigma = 0).
+      tail_steps: steps run after this solver (the driver passes 1 for its final step to sigma = 0).
     """
-    check_order("unipc", order, (1, 2, 3))
+    name = "unipc"
+    check_order(name, order, (1, 2, 3))
     if variant not in VARIANTS:
-        raise ValueError(f"unipc: variant must be one of {VARIANTS}, got {variant!r}")
-    data = _check_flag("predict_x0", predict_x0)
-    _check_flag("use_corrector", use_corrector)
-    _check_flag("lower_order_final", lower_order_final)
-    try:
-        disabled = tuple(disable_corrector)
-    except TypeError:
-        disabled = None
-    if disabled is None or isinstance(disable_corrector, str) or not all(
-            isinstance(j, int) and not isinstance(j, bool) and j >= 0 for j in disabled):
-        raise ValueError("unipc: disable_corrector must be a sequence of non-negative integer step indices, "
-                         f"got {disable_corrector!r}")
-    num_steps = timesteps.shape[0] - 1
+        raise ValueError(f"solver 'unipc': variant must be one of {VARIANTS}, got {variant!r}")
+    data = check_flag(name, "predict_x0", predict_x0)
+    check_flag(name, "use_corrector", use_corrector)
+    check_flag(name, "lower_order_final", lower_order_final)
+    disabled = _check_disabled(disable_corrector)
 
-    def init(x_T, key):
-        return UniPCState(x=x_T, x_prev=x_T, history=jnp.zeros((order,) + x_T.shape, x_T.dtype))
+    size = order + 1  # ring of the last order + 1 outputs: the corrector's oldest entry survives m_t's write
 
-    def query(state, i):
-        return state.x, timesteps[i]
+    def init(x_T, key, grid):
+        return UniPCState(x=x_T, x_prev=x_T, history=jnp.zeros((size,) + x_T.shape, x_T.dtype))
 
-    def update(state, i, out):
-        # One at_time call for t_{i+1}, t_i, t_{i-1}, .., t_{i-order} (indices clamped to the grid; clamped
-        # points are only used by unselected branches).
-        idx = jnp.clip(i - jnp.arange(-1, order + 1, dtype=i.dtype), 0, num_steps)
-        grid = at_time(schedule, timesteps[idx], state.x.dtype)
-        at = [Coefficients(*(field[j] for field in grid)) for j in range(order + 2)]
-        t_next, t_i, lam = at[0], at[1], grid.lam[1:]  # lam: lambda at t_i, t_{i-1}, .., t_{i-order}
+    def query(state, i, grid):
+        return state.x, grid["t"][i]
+
+    def update(state, i, grid, out):
+        t_next, t_i, s, lam = step_points(schedule, grid["t"], i, order, num_steps)
         m_t = out.x0 if data else out.eps
+        # write first, read after: both combinations below read the updated ring (no copy of the history)
+        history = jax.lax.dynamic_update_index_in_dim(state.history, m_t, ring_slot(i, size), 0)
 
-        # (a) UniC-p_{i-1}: redo the step t_{i-1} -> t_i with the fresh m_t at the predicted x~_{t_i}.
+        # (a) UniC-p_{i-1}: redo the step t_{i-1} -> t_i with the fresh m_t at the predicted x~_{t_i}, from the
+        # outputs of steps i - 1, i - 2, .. (lag 0 = step i - 1).
         x = state.x
         if use_corrector:
             apply = i >= 1
             if disabled:
                 apply = apply & ~jnp.any(i - 1 == jnp.asarray(disabled, i.dtype))
-            s = at[2]
-            # at i = 0 there is no previous step (s = t_i): use h = 1 there so the unselected branch is finite.
-            s = s._replace(lam=jnp.where(i >= 1, s.lam, t_i.lam - 1.0))
-            p_prev = unipc_order(jnp.maximum(i - 1, 0), order, num_steps, lower_order_final, _tail_steps)
-            corrected = unipc_step(state.x_prev, state.history, lam[1:].at[0].set(s.lam), s, t_i, p_prev,
-                                   data=data, variant=variant, m_t=m_t)
+            p_prev = unipc_order(jnp.maximum(i - 1, 0), order, num_steps, lower_order_final, tail_steps)
+            ratio, w, w_t = unipc_weights(lam[1:].at[0].set(s.lam), s, t_i, p_prev, order, data=data,
+                                          variant=variant, corrector=True)
+            corrected = (expand_like(ratio, x) * state.x_prev + combine_lags(history, w, i - 1)
+                         + expand_like(w_t, x) * m_t)
             x = jnp.where(apply, corrected, x)
 
         # (b) UniP-p_i from the corrected x_{t_i} to t_{i+1}.
-        history = jnp.concatenate([m_t[None], state.history[:-1]])
-        p = unipc_order(i, order, num_steps, lower_order_final, _tail_steps)
-        x_next = unipc_step(x, history, lam[:order], t_i, t_next, p, data=data, variant=variant)
+        p = unipc_order(i, order, num_steps, lower_order_final, tail_steps)
+        ratio, w, _ = unipc_weights(lam[:order], t_i, t_next, p, order, data=data, variant=variant)
+        x_next = expand_like(ratio, x) * x + combine_lags(history, w, i)
         return UniPCState(x=x_next, x_prev=x, history=history)
 
     return Solver(num_model_calls=num_steps, init=init, query=query, update=update,
                   output=lambda state: state.x, uses="x0" if data else "eps")
 
 
-register("unipc", options=("order", "variant", "predict_x0", "use_corrector", "lower_order_final",
-                           "disable_corrector", "_tail_steps"), min_nfe=lambda **_: 1)(make_unipc)
+def step_points(schedule, times, i, order: int, num_steps: int):
+    """Coefficients at t_{i+1}, t_i and t_{i-1} (at i = 0 a stand-in with lambda_i - 1, so the unselected
+    corrector branch stays finite), and lambda at t_i, t_{i-1}, .., t_{i-order} ([order + 1(, B)]), from one
+    ``at_time`` call on indices clamped to the grid (clamped points only feed unselected branches)."""
+    idx = jnp.clip(i - jnp.arange(-1, order + 1, dtype=i.dtype), 0, num_steps)
+    grid = at_time(schedule, times[idx])
+    at = [Coefficients(*(field[j] for field in grid)) for j in range(3)]
+    t_next, t_i = at[0], at[1]
+    s = at[2]._replace(lam=jnp.where(i >= 1, at[2].lam, t_i.lam - 1.0))
+    return t_next, t_i, s, grid.lam[1:]
+
+
+def _check_disabled(disable_corrector):
+    try:
+        disabled = tuple(disable_corrector)
+    except TypeError:
+        disabled = None
+    if disabled is None or isinstance(disable_corrector, str) or not all(
+            isinstance(j, int) and not isinstance(j, bool) and j >= 0 for j in disabled):
+        raise ValueError("solver 'unipc': disable_corrector must be a sequence of non-negative integer step indices, "
+                         f"got {disable_corrector!r}")
+    return disabled

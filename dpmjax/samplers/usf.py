@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpmjax.samplers.base import Coefficients, ModelEval, Solver, at_time, expand_like, register
+from dpmjax.samplers.base import ModelEval, Solver, at_time, combine_lags, expand_like, ring_slot
 from dpmjax.samplers.dpm_solver import multistep_order
-from dpmjax.samplers.unipc import _lagrange_weights, h_phis, unipc_order
+from dpmjax.samplers.unipc import _lagrange_weights, h_phis, step_points, unipc_order
 from dpmjax.schedules import time_grid
 
 RELAXATIONS = ("none", "bh1", "bh2", "linear")
@@ -118,35 +119,41 @@ def known_spec(solver: str, schedule, nfe: int, *, spacing: str = "time_uniform"
                    corrector=tuple(corr)).validate()
 
 
-def spec_arrays(spec: USFSpec, dtype=jnp.float32) -> dict:
-    """The per-step fields as arrays (what the scan indexes; may be traced for a batched search)."""
-    return {"data": jnp.asarray(spec.data), "order": jnp.asarray(spec.order, jnp.int32),
-            "deriv_order": jnp.asarray(spec.deriv_order, jnp.int32),
-            "relax": jnp.asarray([RELAXATIONS.index(r) for r in spec.relax], jnp.int32),
-            "relax_c": jnp.asarray(spec.relax_c, dtype), "corrector": jnp.asarray(spec.corrector)}
+SPEC_FIELDS = ("data", "order", "deriv_order", "relax", "relax_c", "corrector")
 
 
-def usf_step(x, history, lambdas, s, t, p, d, relax, relax_c, *, data, avail, m_t=None):
-    """One generic step (predictor; or corrector with ``m_t``); p, d, relax, data traced scalars; ``avail``
-    the number of earlier outputs in ``history`` (entries beyond it get placeholder nodes, never used)."""
+def spec_arrays(spec: USFSpec) -> dict:
+    """The per-step fields as host arrays (what the scan indexes as grid data; traced for a batched search)."""
+    return {"data": np.asarray(spec.data, bool), "order": np.asarray(spec.order, np.int32),
+            "deriv_order": np.asarray(spec.deriv_order, np.int32),
+            "relax": np.asarray([RELAXATIONS.index(r) for r in spec.relax], np.int32),
+            "relax_c": np.asarray(spec.relax_c, np.float64), "corrector": np.asarray(spec.corrector, bool)}
+
+
+def usf_weights(lambdas, s, t, p, d, relax, relax_c, *, data, avail, corrector: bool = False):
+    """(ratio, w [HISTORY(, B)], w_t): one generic step as x_t = ratio x_s + sum_k w[k] m_k (+ w_t m_t).
+
+    Predictor, or corrector (UniC-p, ``corrector=True``) with m_t the model output at the predicted x~_t; p, d,
+    relax, data traced scalars; ``avail`` the number of earlier outputs in the history (entries beyond it get
+    placeholder nodes, never used). ``lambdas`` [HISTORY(, B)] at the history points (lag 0 = s).
+    """
     h = t.lam - s.lam
     hh = jnp.where(data, -h, h)
-    c = expand_like(jnp.where(data, t.alpha, t.sigma), x)
-    ratio = expand_like(jnp.where(data, t.sigma / s.sigma, t.alpha / s.alpha), x)
+    c = jnp.where(data, t.alpha, t.sigma)
+    ratio = jnp.where(data, t.sigma / s.sigma, t.alpha / s.alpha)
     e = jnp.expm1(hh)
     phis = h_phis(hh)
     g = [phis[0], 2.0 * phis[1], 6.0 * phis[2]]
+    relax_c = relax_c.astype(h.dtype)
     g1_relaxed = jnp.select([relax == 1, relax == 2, relax == 3], [0.5 * hh, 0.5 * e, g[0] * (1.0 + relax_c * h)],
                             g[0])
-    m0 = history[0]
     r = []
-    nodes = jnp.where(p >= 2, d, 0) if m_t is None else p - 1
+    nodes = p - 1 if corrector else jnp.where(p >= 2, d, 0)
     for k in (1, 2):
         r_k = (lambdas[k] - lambdas[0]) / h
         r.append(jnp.where((nodes >= k) & (avail >= k), r_k, -1.0 if k == 1 else r[-1] - 1.0))
-    dd = [(history[k] - m0) / expand_like(r[k - 1], x) for k in (1, 2)]
     zero = jnp.zeros_like(h)
-    if m_t is None:
+    if not corrector:
         w = [zero, zero]
         for pp in (2, 3):
             for dn in (1, 2):
@@ -165,70 +172,98 @@ def usf_step(x, history, lambdas, s, t, p, d, relax, relax_c, *, data, avail, m_
             wts = _lagrange_weights(r[:pp - 1] + [jnp.ones_like(h)], g[:pp])
             w = [jnp.where(p == pp, wts[k], w[k]) if k < pp - 1 else w[k] for k in range(2)]
             w_t = jnp.where(p == pp, wts[-1], w_t)
-    corr = sum((expand_like(wk, x) * dk for wk, dk in zip(w, dd)), jnp.zeros_like(x))
-    if m_t is not None:
-        corr = corr + expand_like(w_t, x) * (m_t - m0)
-    return ratio * x - c * expand_like(e, x) * m0 - c * corr
+    # ratio x - c e m_0 - c (sum_k w_k (m_k - m_0) / r_k + w_t (m_t - m_0)), regrouped by m.
+    by_d = [w_k / r_k for w_k, r_k in zip(w, r)]
+    lag0 = -c * e + c * (by_d[0] + by_d[1] + w_t)
+    return ratio, jnp.stack([lag0, -c * by_d[0], -c * by_d[1]]), -c * w_t
 
 
-def make_usf(schedule, timesteps, *, spec: USFSpec | None = None, arrays: dict | None = None,
-             afs: bool | None = None) -> Solver:
-    """The generic scan of a ``USFSpec`` (or of traced ``arrays`` + ``afs`` for a search)."""
-    if spec is None and arrays is None:
-        raise ValueError("usf: give spec=USFSpec(...) (see dpmjax.samplers.usf.known_spec, dpmjax.search.s3)")
-    num_steps = timesteps.shape[0] - 1
+class USFState(NamedTuple):
+    x: jax.Array         # [B, ...] predicted x at t_i: where the next model call evaluates
+    x_prev: jax.Array    # [B, ...] corrected x at t_{i-1}
+    hist_eps: jax.Array  # [HISTORY + 1, B, ...] ring buffers of the outputs (step j's in slot j % (HISTORY + 1))
+    hist_x0: jax.Array   # [HISTORY + 1, B, ...]
+
+
+def make_usf(schedule, num_steps: int, *, spec: USFSpec | None = None, afs: bool | None = None) -> Solver:
+    """The generic scan of a USF spec over ``num_steps`` intervals. The spec's per-step choices are grid data
+    (``grid["spec"]``, from ``spec`` or traced ``arrays`` for a search); ``afs`` (from the spec) is static."""
     if spec is not None:
         if not isinstance(spec, USFSpec):
-            raise ValueError(f"usf: spec must be a USFSpec, got {type(spec).__name__}")
+            raise ValueError(f"solver 'usf': spec must be a USFSpec, got {type(spec).__name__}")
         spec.validate()
         if spec.num_steps != num_steps:
-            raise ValueError(f"usf: the spec has {spec.num_steps} steps, the grid {num_steps}")
-        arrays, afs = spec_arrays(spec), spec.afs
+            raise ValueError(f"solver 'usf': the spec has {spec.num_steps} steps, the grid {num_steps}")
+        afs = spec.afs
+    elif afs is None:
+        raise ValueError("solver 'usf': give spec=USFSpec(...) (see dpmjax.samplers.usf.known_spec, "
+                         "dpmjax.search.s3), or arrays= with afs=")
     afs = bool(afs)
 
-    def advance(state, i, out):
-        x_pred, x_prev, hist_eps, hist_x0 = state
-        dtype = x_pred.dtype
-        idx = jnp.clip(i - jnp.arange(-1, HISTORY + 1, dtype=jnp.int32), 0, num_steps)
-        grid = at_time(schedule, timesteps[idx], dtype)
-        at = [Coefficients(*(f[j] for f in grid)) for j in range(HISTORY + 2)]
-        t_next, t_i, lam = at[0], at[1], grid.lam[1:]
+    size = HISTORY + 1  # one slot more than the corrector reaches back: it reads the ring after step i's write
+
+    def advance(state, i, grid, out):
+        arrays = grid["spec"]
+        t_next, t_i, s, lam = step_points(schedule, grid["t"], i, HISTORY, num_steps)
         prev = jnp.maximum(i - 1, 0)
-        x = x_pred
-        # (a) corrector of step i - 1 with the fresh output at t_i
+        # write first, read after (no copy of the rings)
+        slot = ring_slot(i, size)
+        hist_eps = jax.lax.dynamic_update_index_in_dim(state.hist_eps, out.eps, slot, 0)
+        hist_x0 = jax.lax.dynamic_update_index_in_dim(state.hist_x0, out.x0, slot, 0)
+        # (a) corrector of step i - 1 with the fresh output at t_i (history lag 0 = step i - 1)
         data_prev = arrays["data"][prev]
-        s = at[2]._replace(lam=jnp.where(i >= 1, at[2].lam, t_i.lam - 1.0))
-        hist_prev = jnp.where(data_prev, hist_x0, hist_eps)
-        corrected = usf_step(x_prev, hist_prev, lam[1:].at[0].set(s.lam), s, t_i, arrays["order"][prev],
-                             arrays["deriv_order"][prev], arrays["relax"][prev], arrays["relax_c"][prev].astype(dtype),
-                             data=data_prev, avail=i - 1, m_t=jnp.where(data_prev, out.x0, out.eps))
+        ratio, w, w_t = usf_weights(lam[1:].at[0].set(s.lam), s, t_i, arrays["order"][prev],
+                                    arrays["deriv_order"][prev], arrays["relax"][prev], arrays["relax_c"][prev],
+                                    data=data_prev, avail=i - 1, corrector=True)
+        x = state.x
+        corrected = (expand_like(ratio, x) * state.x_prev
+                     + combine_lags(jnp.where(data_prev, hist_x0, hist_eps), w, i - 1)
+                     + expand_like(w_t, x) * jnp.where(data_prev, out.x0, out.eps))
         x = jnp.where((i >= 1) & arrays["corrector"][prev], corrected, x)
         # (b) predictor of step i
-        hist_eps = jnp.concatenate([out.eps[None], hist_eps[:-1]])
-        hist_x0 = jnp.concatenate([out.x0[None], hist_x0[:-1]])
         ii = jnp.minimum(i, num_steps - 1)
         data = arrays["data"][ii]
-        x_next = usf_step(x, jnp.where(data, hist_x0, hist_eps), lam[:HISTORY], t_i, t_next, arrays["order"][ii],
-                          arrays["deriv_order"][ii], arrays["relax"][ii], arrays["relax_c"][ii].astype(dtype),
-                          data=data, avail=i)
-        return (x_next, x, hist_eps, hist_x0)
+        ratio, w, _ = usf_weights(lam[:HISTORY], t_i, t_next, arrays["order"][ii], arrays["deriv_order"][ii],
+                                  arrays["relax"][ii], arrays["relax_c"][ii], data=data, avail=i)
+        x_next = expand_like(ratio, x) * x + combine_lags(jnp.where(data, hist_x0, hist_eps), w, i)
+        return USFState(x=x_next, x_prev=x, hist_eps=hist_eps, hist_x0=hist_x0)
 
-    def init(x_T, key):
-        zeros = jnp.zeros((HISTORY,) + x_T.shape, x_T.dtype)
-        state = (x_T, x_T, zeros, zeros)
+    def init(x_T, key, grid):
+        zeros = jnp.zeros((size,) + x_T.shape, x_T.dtype)
+        state = USFState(x=x_T, x_prev=x_T, hist_eps=zeros, hist_x0=zeros)
         if afs:  # x0 = 0 at t_0: eps = x_T / sigma_0
-            sigma = expand_like(at_time(schedule, timesteps[0], x_T.dtype).sigma, x_T)
-            state = advance(state, jnp.asarray(0, jnp.int32), ModelEval(eps=x_T / sigma, x0=jnp.zeros_like(x_T)))
+            sigma = expand_like(at_time(schedule, grid["t"][0]).sigma, x_T)
+            state = advance(state, jnp.asarray(0, jnp.int32), grid,
+                            ModelEval(eps=x_T / sigma, x0=jnp.zeros_like(x_T)))
         return state
 
-    def query(state, j):
-        return state[0], timesteps[j + int(afs)]
+    def query(state, j, grid):
+        return state.x, grid["t"][j + int(afs)]
 
-    def update(state, j, out):
-        return advance(state, j + int(afs), out)
+    def update(state, j, grid, out):
+        return advance(state, j + int(afs), grid, out)
 
     return Solver(num_model_calls=num_steps - int(afs), init=init, query=query, update=update,
-                  output=lambda state: state[0], uses="both")
+                  output=lambda state: state.x, uses="both")
+
+
+def prepare_usf(schedule, times, *, spec: USFSpec | None = None, arrays: dict | None = None, **_):
+    """Grid data: the spec's per-step fields as arrays (``spec_arrays``), or the given (traced) ``arrays``."""
+    num_steps = times.shape[0] - 1
+    if spec is not None:
+        if not isinstance(spec, USFSpec):
+            raise ValueError(f"solver 'usf': spec must be a USFSpec, got {type(spec).__name__}")
+        return {"spec": spec_arrays(spec)}
+    if arrays is None:
+        raise ValueError("solver 'usf': give spec=USFSpec(...) (see dpmjax.samplers.usf.known_spec, dpmjax.search.s3)")
+    missing = sorted(set(SPEC_FIELDS) - set(arrays))
+    if missing:
+        raise ValueError(f"solver 'usf': arrays lacks {missing}")
+    for key in SPEC_FIELDS:
+        if np.shape(arrays[key]) != (num_steps,):
+            raise ValueError(f"solver 'usf': arrays[{key!r}] must have shape ({num_steps},), got "
+                             f"{np.shape(arrays[key])}")
+    return {"spec": dict(arrays)}
 
 
 def _spec_of(options):
@@ -238,20 +273,16 @@ def _spec_of(options):
     return spec
 
 
-def _steps_for_nfe(nfe, **options):
+def usf_steps_for_nfe(nfe, **options):
     spec = _spec_of(options)
     if nfe != spec.nfe:
         raise ValueError(f"usf: the spec is for nfe={spec.nfe}, not nfe={nfe}")
     return spec.num_steps
 
 
-def _grid(schedule, n, spacing, t_start, t_end, **options):
+def grid_usf(schedule, n, spacing, t_start, t_end, **options):
     spec = _spec_of(options)
     if n != spec.num_steps:
         raise ValueError("usf: a spec brings its own time points; final_sigma='zero' is not supported with nfe= "
                          "(put the sigma = 0 end into the spec's grid via timesteps= instead)")
     return np.asarray(spec.timesteps, np.float64)
-
-
-register("usf", options=("spec", "arrays", "afs"), steps_for_nfe=_steps_for_nfe,
-         min_nfe=lambda **_: 1, grid=_grid)(make_usf)

@@ -26,9 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpmjax import parameterization
-from dpmjax.samplers.base import ModelEval
-from dpmjax.samplers.dc_solver import make_dc_solver
+from dpmjax.samplers.driver import device_grid, make_evaluate, plan, sample
 
 FORMAT = "dpmjax-dc-ratios-v1"
 
@@ -39,18 +37,6 @@ def schedule_id(schedule) -> str:
     with jax.ensure_compile_time_eval():
         values = np.asarray(schedule.log_alpha(jnp.linspace(lo, hi, 33, dtype=jnp.float32)), np.float32)
     return f"{type(schedule).__name__}:{hashlib.sha1(np.round(values, 5).tobytes()).hexdigest()[:12]}"
-
-
-def make_evaluate(model_fn, schedule, prediction: str = "eps"):
-    """(x, t) -> ModelEval(eps, x0) for a model returning ``prediction``."""
-    parameterization.check_prediction(prediction)
-
-    def evaluate(x, t):
-        t_vec = jnp.broadcast_to(jnp.asarray(t, x.dtype), (x.shape[0],))
-        out = jnp.asarray(model_fn(x, t_vec)).astype(x.dtype)
-        return ModelEval(eps=parameterization.to_eps(out, x, t_vec, schedule, prediction),
-                         x0=parameterization.to_x0(out, x, t_vec, schedule, prediction))
-    return evaluate
 
 
 def oracle_targets(mixture, x_T, timesteps, schedule) -> np.ndarray:
@@ -83,39 +69,43 @@ def model_targets(model_fn, x_T, timesteps, schedule, *, prediction: str = "eps"
 def search_dc_ratios(model_fn, x_T, targets, *, schedule, timesteps, prediction: str = "eps", num_iters: int = 20,
                      lr: float = 0.1, weight_decay: float = 0.01, include_corrector: bool = True,
                      objective: str = "greedy", **solver_options):
-    """Greedy per-step gradient search of the DC ratios; returns (ratios np [N], info dict with seconds).
+    """Gradient search of the DC ratios; returns (ratios np [N], info dict with seconds).
 
-    ``timesteps`` is the solver grid ([N+1], as ``dpmjax.samplers.plan`` returns it), ``targets`` the reference
-    [N+1, B, ...] at those times (same x_T), ``solver_options`` those of ``dc_solver`` (order, variant, ...).
-    ``objective="greedy"`` is the official per-step search; ``"final"`` (ours) descends on all ratios at once
-    against the final-time error only, ``num_iters`` * N AdamW steps through the whole sampler.
+    ``timesteps`` is the solver grid ([N+1], as ``dpmjax.samplers.plan(...).grid["t"]``), ``targets`` the
+    reference [N+1, B, ...] at those times (same x_T), ``solver_options`` those of ``dc_solver`` (order,
+    variant, ...). ``objective="greedy"`` is the official per-step search: it optimises rho_i on the cached state
+    before step i, so it drives the library solver's own step functions (``plan(...).solver.query/update`` with the
+    ratios as grid data) inside one jitted scan. ``"final"`` (ours) descends on all ratios at once against the
+    final-time error only, ``num_iters`` * N AdamW steps through the library sampler (``sample`` with traced
+    ratios).
     """
     if objective not in ("greedy", "final"):
         raise ValueError(f"objective must be 'greedy' or 'final', got {objective!r}")
     if not isinstance(num_iters, int) or num_iters < 1:
         raise ValueError(f"num_iters must be a positive integer (the search budget per step), got {num_iters!r}")
-    timesteps = jnp.asarray(timesteps, jnp.asarray(x_T).dtype)
+    timesteps = np.asarray(timesteps, np.float64)
     num_steps = timesteps.shape[0] - 1
     if targets.shape[0] != num_steps + 1 or targets.shape[1:] != x_T.shape:
         raise ValueError(f"targets must have shape {(num_steps + 1,) + tuple(x_T.shape)}, got {targets.shape}")
     dc_order = solver_options.get("dc_order", 2)
     if num_steps <= dc_order:
         raise ValueError(f"search: {num_steps} steps leave no step with compensation (needs > dc_order={dc_order})")
+    p = plan(schedule, "dc_solver", timesteps=timesteps, **solver_options)
+    sol = p.solver
     evaluate = make_evaluate(model_fn, schedule, prediction)
-
-    def solver(ratios):
-        return make_dc_solver(schedule, timesteps, ratios=ratios, **solver_options)
 
     def run(x_T, targets):
         dtype = x_T.dtype
+        grid = device_grid(p.grid, dtype)
+        with_ratios = lambda ratios: {**grid, "ratios": ratios}  # noqa: E731
 
         def loss_fn(rho, ratios, state, i, out):
-            sol = solver(ratios.at[i].set(rho))
-            st = sol.update(state, i, out)
+            g = with_ratios(ratios.at[i].set(rho))
+            st = sol.update(state, i, g, out)
             x = st.x
             if include_corrector:
                 nxt = jnp.minimum(i + 1, num_steps)
-                corrected = sol.update(st, nxt, evaluate(*sol.query(st, nxt))).x_prev
+                corrected = sol.update(st, nxt, g, evaluate(*sol.query(st, nxt, g))).x_prev
                 x = jnp.where(i + 1 < num_steps, corrected, x)
             return jnp.mean((x - targets[i + 1]) ** 2)
 
@@ -123,8 +113,7 @@ def search_dc_ratios(model_fn, x_T, targets, *, schedule, timesteps, prediction:
 
         def step(carry, i):
             state, ratios = carry
-            sol = solver(ratios)
-            out = evaluate(*sol.query(state, i))
+            out = evaluate(*sol.query(state, i, with_ratios(ratios)))
 
             def iterate(k, c):
                 rho, opt, best, best_loss = c
@@ -134,30 +123,25 @@ def search_dc_ratios(model_fn, x_T, targets, *, schedule, timesteps, prediction:
                 rho, opt = _adamw(rho, g, opt, k, lr, weight_decay)
                 return rho, opt, best, best_loss
 
-            rho0 = jnp.asarray(1.0, dtype)
-            init = (rho0, (jnp.zeros_like(rho0), jnp.zeros_like(rho0)), rho0, jnp.asarray(jnp.inf, dtype))
+            rho0 = jnp.asarray(1.0, ratios.dtype)
+            init = (rho0, (jnp.zeros_like(rho0), jnp.zeros_like(rho0)), rho0, jnp.asarray(jnp.inf, rho0.dtype))
             rho, _, best, best_loss = jax.lax.fori_loop(0, num_iters, iterate, init)
             final = loss_fn(rho, ratios, state, i, out)  # the last iterate counts too
             best = jnp.where(final < best_loss, rho, best)
             best = jnp.where(i >= dc_order, best, rho0)
             ratios = ratios.at[i].set(best)
-            return (solver(ratios).update(state, i, out), ratios), best
+            return (sol.update(state, i, with_ratios(ratios), out), ratios), best
 
-        state = solver(jnp.ones((num_steps,), dtype)).init(x_T, jax.random.key(0))
-        (state, ratios), _ = jax.lax.scan(step, (state, jnp.ones((num_steps,), dtype)),
-                                          jnp.arange(num_steps, dtype=jnp.int32))
+        ratios = jnp.ones((num_steps,), grid["t"].dtype)
+        state = sol.init(x_T, jax.random.key(0), with_ratios(ratios))
+        (state, ratios), _ = jax.lax.scan(step, (state, ratios), jnp.arange(num_steps, dtype=jnp.int32))
         return ratios
 
     def run_final(x_T, targets):
-        dtype = x_T.dtype
-
         def loss_fn(ratios):
-            sol = solver(ratios)
-
-            def body(state, i):
-                return sol.update(state, i, evaluate(*sol.query(state, i))), None
-            state, _ = jax.lax.scan(body, sol.init(x_T, jax.random.key(0)), jnp.arange(num_steps, dtype=jnp.int32))
-            return jnp.mean((sol.output(state) - targets[-1]) ** 2)
+            x_0 = sample(model_fn, x_T, schedule=schedule, solver="dc_solver", timesteps=timesteps, ratios=ratios,
+                         prediction=prediction, **solver_options)
+            return jnp.mean((x_0 - targets[-1]) ** 2)
 
         grad_fn = jax.value_and_grad(loss_fn)
         active = jnp.arange(num_steps) >= dc_order
@@ -170,8 +154,8 @@ def search_dc_ratios(model_fn, x_T, targets, *, schedule, timesteps, prediction:
             ratios, opt = _adamw(ratios, jnp.where(active, g, 0.0), opt, k, lr, weight_decay)
             return jnp.where(active, ratios, 1.0), opt, best, best_loss
 
-        r0 = jnp.ones((num_steps,), dtype)
-        init = (r0, (jnp.zeros_like(r0), jnp.zeros_like(r0)), r0, jnp.asarray(jnp.inf, dtype))
+        r0 = jnp.ones((num_steps,), x_T.dtype)
+        init = (r0, (jnp.zeros_like(r0), jnp.zeros_like(r0)), r0, jnp.asarray(jnp.inf, x_T.dtype))
         ratios, _, best, best_loss = jax.lax.fori_loop(0, num_iters * num_steps, iterate, init)
         return jnp.where(loss_fn(ratios) < best_loss, ratios, best)
 

@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpmjax.samplers.usf import RELAXATIONS, USFSpec, known_spec, make_usf, spec_arrays
-from dpmjax.search.dc import make_evaluate, schedule_id
+from dpmjax.samplers.driver import sample
+from dpmjax.samplers.usf import RELAXATIONS, USFSpec, known_spec, spec_arrays
+from dpmjax.search.dc import schedule_id
 
 FORMAT = "dpmjax-usf-spec-v1"
 
@@ -95,11 +96,12 @@ def crossover(a: USFSpec, b: USFSpec, rng) -> USFSpec:
     return repair(USFSpec(timesteps=ts, afs=a.afs, **fields))
 
 
-class _Evaluator:
-    """RMS final-sample error of a spec on (x_T, reference), one jitted program per (steps, afs)."""
+class SpecEvaluator:
+    """RMS final-sample error of a spec on (x_T, reference): the library sampler (``solver="usf"``) with the spec's
+    times and per-step choices as traced grid data, one jitted program per (steps, afs)."""
 
     def __init__(self, model_fn, schedule, x_T, reference, prediction):
-        self.evaluate = make_evaluate(model_fn, schedule, prediction)
+        self.model_fn, self.prediction = model_fn, prediction
         self.schedule, self.x_T, self.reference = schedule, jnp.asarray(x_T), jnp.asarray(reference)
         self.compiled = {}
 
@@ -107,16 +109,11 @@ class _Evaluator:
         key = (spec.num_steps, spec.afs)
         if key not in self.compiled:
             def run(arrays, ts, x_T, ref):
-                sol = make_usf(self.schedule, ts, arrays=arrays, afs=spec.afs)
-
-                def body(state, j):
-                    return sol.update(state, j, self.evaluate(*sol.query(state, j))), None
-                state, _ = jax.lax.scan(body, sol.init(x_T, jax.random.key(0)),
-                                        jnp.arange(sol.num_model_calls, dtype=jnp.int32))
-                return jnp.sqrt(jnp.mean((sol.output(state) - ref) ** 2))
+                x_0 = sample(self.model_fn, x_T, schedule=self.schedule, solver="usf", timesteps=ts, arrays=arrays,
+                             afs=spec.afs, prediction=self.prediction)
+                return jnp.sqrt(jnp.mean((x_0 - ref) ** 2))
             self.compiled[key] = jax.jit(run)
-        dtype = self.x_T.dtype
-        value = self.compiled[key](spec_arrays(spec, dtype), jnp.asarray(spec.timesteps, dtype), self.x_T,
+        value = self.compiled[key](spec_arrays(spec), np.asarray(spec.timesteps, np.float64), self.x_T,
                                    self.reference)
         value = float(value)
         return value if np.isfinite(value) else 1e9
@@ -128,7 +125,7 @@ def s3_search(model_fn, schedule, nfe: int, x_T, reference, *, budget: int = 60,
     if not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget must be a positive integer number of evaluated candidates, got {budget!r}")
     rng = np.random.default_rng(seed)
-    evaluator = _Evaluator(model_fn, schedule, x_T, reference, prediction)
+    evaluator = SpecEvaluator(model_fn, schedule, x_T, reference, prediction)
     start = time.perf_counter()
     seeds = seed_specs(schedule, nfe, t_end)
     if allow_afs:  # the same solvers with one more step and the analytic first step

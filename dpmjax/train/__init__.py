@@ -1,1 +1,2 @@
-"""Training: denoising losses, optimizer, train state + EMA, mesh/shardings, jitted step, checkpoints, loop."""
+"""Training: denoising losses, optimizer, train state + EMA, the jitted sharded step with on-device metrics,
+verified checkpoints, resume checks (config, logs), the loop, and diffusers conversion."""

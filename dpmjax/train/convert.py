@@ -37,7 +37,7 @@ from dpmjax import schedules
 from dpmjax.nn.diffusers_unet import DiffusersUNet2D, UnsupportedConfigError, normalize_config
 
 __all__ = ["ConversionError", "UnsupportedConfigError", "find_diffusers_files", "read_state_dict",
-           "schedule_from_diffusers", "convert_unet_params", "convert_diffusers", "CONVERTED_FORMAT"]
+           "schedule_from_diffusers", "check_finite", "convert_unet_params", "convert_diffusers", "CONVERTED_FORMAT"]
 
 CONVERTED_FORMAT = "diffusers-UNet2DModel/1"
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -196,12 +196,36 @@ def abstract_params(model: DiffusersUNet2D, image_shape) -> dict:
     return jax.eval_shape(lambda: model.init(jax.random.key(0), x, jnp.zeros((1,), jnp.float32)))
 
 
+def check_finite(state_dict: dict[str, np.ndarray], source: str = "the checkpoint") -> None:
+    """Raise ``ConversionError`` naming every floating tensor of ``state_dict`` that holds NaN or inf.
+
+    A converted folder with NaN weights used to sample all-NaN images with exit status 0 (issue 12); damaged
+    or diverged downloads are refused here instead, before anything is written.
+    """
+    bad = []
+    for key, tensor in state_dict.items():
+        array = np.asarray(tensor)
+        if array.dtype.kind != "f" and array.dtype.name != "bfloat16":
+            continue
+        values = array.astype(np.float32)
+        finite = np.isfinite(values)
+        if not finite.all():
+            bad.append(f"{key} ({int(np.isnan(values).sum())} NaN, {int(np.isinf(values).sum())} inf of "
+                       f"{values.size} values)")
+    if bad:
+        shown = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise ConversionError(f"{source} holds non-finite weights in {len(bad)} tensor(s): {shown}. Refusing to "
+                              "convert (the model would only produce NaN); re-download or re-export the weights")
+
+
 def convert_unet_params(state_dict: dict[str, np.ndarray], model: DiffusersUNet2D, image_shape) -> dict:
     """Map a UNet2DModel state dict onto ``model``'s parameters: ``{"params": ...}`` of float32 numpy arrays.
 
     Conv weights OIHW -> HWIO, linear weights [out, in] -> [in, out], GroupNorm weight -> scale. Every
-    missing, unexpected or misshapen tensor is named in one ``ConversionError``.
+    missing, unexpected or misshapen tensor is named in one ``ConversionError``; so is every tensor holding
+    NaN or inf (``check_finite``).
     """
+    check_finite(state_dict)
     template = _flatten(abstract_params(model, image_shape)["params"])
     by_module = {path[:-1]: {} for path in template}
     for path, spec in template.items():
@@ -285,7 +309,9 @@ def convert_diffusers(src: str, out: str, *, scheduler_config: str | dict | None
     num_steps = schedule.num_train_timesteps
     image_shape = _image_shape(fields, image_size)
     model = DiffusersUNet2D(**fields, timestep_scale=num_steps / 1000.0)
-    params = convert_unet_params(read_state_dict(weights_path), model, image_shape)
+    state_dict = read_state_dict(weights_path)
+    check_finite(state_dict, weights_path)
+    params = convert_unet_params(state_dict, model, image_shape)
 
     config = {
         "seed": 0,

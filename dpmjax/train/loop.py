@@ -1,28 +1,52 @@
-"""The training loop: config -> model, data, sharded step, checkpoints, logs.
+"""The training loop: config -> model, data, sharded state and step, checkpoints, logs.
 
     state = train(config, workdir)                        # resumes from workdir's latest checkpoint
 
 Loading a finished workdir for sampling lives in ``dpmjax.workdir``.
 
+How it fits a pod (big_vision's ``train.py`` pattern):
+  * everything is validated first (intervals, batch divisibility, the sharding rule and, for ``fsdp``, that
+    every large parameter has a divisible axis): a ``ValueError`` naming the argument, before anything is
+    restored or compiled;
+  * the TrainState is built abstractly (``jax.eval_shape``), its shardings come from
+    ``config.train.sharding`` (``"replicate"`` or ``"fsdp"``, see ``dpmjax.sharding``), and one jitted init
+    with those ``out_shardings`` materialises it already sharded (or the checkpoint is restored straight into
+    them);
+  * the step computes its metrics on device (``StepMetrics``): the host fetches them only at log and
+    checkpoint steps;
+  * checkpoints are saved asynchronously on accelerators (``dpmjax.train.checkpoint``).
+
+Nothing lost:
+  * a non-finite loss, gradient norm or state is detected inside the step (a flag carried in the metrics) and
+    checked at every log *and* checkpoint step: training stops with the step it happened at, nothing
+    non-finite is saved, and the message names the last finite checkpoint;
+  * SIGINT / SIGTERM save a checkpoint of the current (finite) state, then the run ends (KeyboardInterrupt,
+    or exit status 128 + signal number for SIGTERM);
+  * a resume prints "resuming from step N (checkpoint DIR)", drops ``metrics.jsonl`` rows logged after step N,
+    and refuses a config that changes what the checkpoint means (``dpmjax.train.resume``).
+
 Logs go to stdout and ``workdir/metrics.jsonl`` always, and to TensorBoard through clu's metric writers
-when the ``tf`` extra is installed. A non-finite loss stops training with the step number; the last good
-checkpoint stays on disk (orbax writes each checkpoint to a temporary directory and renames it).
+when the ``tf`` extra is installed. In a multi-process run (``jax.distributed.initialize()`` first) every
+process runs this same function; process 0 writes the logs and config files, and all write checkpoints
+together (orbax).
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
+import signal
+import threading
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from dpmjax.nn import build_model, init_params
 from dpmjax.schedules import schedule_from_config
-from dpmjax.sharding import make_mesh, replicated
-from dpmjax.train import checkpoint, optim
+from dpmjax.sharding import SHARDING_RULES, data_axis_size, make_mesh, sharding_rule
+from dpmjax.train import checkpoint, losses, optim, resume
 from dpmjax.train.state import TrainState, create_train_state
 from dpmjax.train.step import make_train_step
 
@@ -49,7 +73,7 @@ class _Writer:
     """stdout + JSONL always; TensorBoard through clu when TensorFlow/tensorboard import."""
 
     def __init__(self, workdir: str):
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self.jsonl = open(os.path.join(workdir, resume.METRICS_FILE), "a")
         try:
             from clu import metric_writers
             self.tb = metric_writers.create_default_writer(workdir, just_logging=False)
@@ -68,76 +92,236 @@ class _Writer:
             self.tb.close()
 
 
+# ------------------------------------------------------------------------------------------------ validation
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def validate_train_config(config, mesh, stop_after=None) -> str:
+    """Check the training settings (ValueError naming the argument); returns the sharding rule.
+
+    Runs before anything is restored or compiled: a bad interval used to surface only after minutes of
+    compiling (``checkpoint_every=0`` raised ZeroDivisionError at the first step).
+    """
+    t = config.train
+    for name in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+        _positive_int(f"config.train.{name}", t.get(name))
+    batch = _positive_int("config.data.batch_size", config.data.get("batch_size"))
+    if stop_after is not None:
+        _positive_int("stop_after", stop_after)
+    rule = t.get("sharding", "replicate")
+    if rule not in SHARDING_RULES:
+        raise ValueError(f"config.train.sharding must be one of {SHARDING_RULES}, got {rule!r}")
+    if t.get("target") not in losses.TARGETS:
+        raise ValueError(f"config.train.target must be one of {losses.TARGETS}, got {t.get('target')!r}")
+    gamma = t.get("min_snr_gamma", 0.0)
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma < 0:
+        raise ValueError(f"config.train.min_snr_gamma must be >= 0 (0 disables it), got {gamma!r}")
+    decay = t.get("ema_decay")
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+        raise ValueError(f"config.train.ema_decay must be in [0, 1], got {decay!r}")
+    devices = data_axis_size(mesh)
+    if batch % devices:
+        raise ValueError(f"config.data.batch_size={batch} is not divisible by the {devices} devices of the mesh's "
+                         "data axis (each device takes an equal share of the batch)")
+    return rule
+
+
+# ------------------------------------------------------------------------------------------------ signals
+
+class _StopRequests:
+    """SIGINT / SIGTERM set a flag (the loop saves, then stops); a second signal acts at once as before.
+
+    Handlers are installed only from the main thread (Python allows no other). In a multi-process run the
+    flag is agreed at log and checkpoint steps (one tiny all-gather there), so every process saves the same
+    step together; a single process checks it after every step.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum, self._previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, self._previous[signum])  # a second Ctrl-C interrupts at once (the save is atomic)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def requested(self, sync_point: bool) -> bool:
+        if jax.process_count() == 1:
+            return self.signum is not None
+        if not sync_point:
+            return False
+        from jax.experimental import multihost_utils
+        with jax.transfer_guard("allow"):  # an explicit, tiny exchange at a sync point
+            flags = multihost_utils.process_allgather(np.int32(self.signum or 0))
+        self.signum = int(np.max(flags)) or None
+        return self.signum is not None
+
+    def stop(self, step: int, where: str):
+        message = f"stopped by {signal.Signals(self.signum).name} after step {step}; {where}"
+        print(message, flush=True)
+        if self.signum == signal.SIGINT:
+            raise KeyboardInterrupt(message)
+        raise SystemExit(128 + self.signum)
+
+
+# ------------------------------------------------------------------------------------------------ compile cache
+
+# Jitted init and step functions by everything they close over, so a second ``train`` call in one process
+# (a resume, a notebook, the tests) reuses the compiled programs instead of compiling them again.
+_COMPILED: collections.OrderedDict = collections.OrderedDict()
+_COMPILED_MAX = 4
+
+
+def _cached(key, build):
+    if key in _COMPILED:
+        _COMPILED.move_to_end(key)
+        return _COMPILED[key]
+    value = _COMPILED[key] = build()
+    while len(_COMPILED) > _COMPILED_MAX:
+        _COMPILED.popitem(last=False)
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
 def train(config, workdir: str, *, num_devices: int | None = None, quiet: bool = False,
           stop_after: int | None = None) -> TrainState:
     """Train ``config`` in ``workdir`` for ``config.train.num_steps`` steps (resuming if checkpoints exist).
 
-    ``stop_after`` ends the run after that many steps of this call (tests use it to simulate an interruption).
+    Args:
+      config: a training config (``configs/*.py``); ``config.train.get("sharding", "replicate")`` picks the
+        sharding rule of params, EMA and optimizer state.
+      workdir: checkpoints, ``config.json``, ``config_history.jsonl`` and ``metrics.jsonl`` go here (on a
+        multi-host run: a path every host sees, on a shared filesystem; the JSON files are written with plain
+        file I/O, so a ``gs://`` URL needs a gcsfuse mount).
+      num_devices: use the first N devices (default all, every host's).
+      quiet: no progress bar.
+      stop_after: end after that many steps of this call (tests use it to simulate an interruption).
+    Raises:
+      ValueError: bad settings (before anything compiles); ``resume.ConfigMismatchError`` for a config that
+      may not resume the workdir; ``checkpoint.CheckpointError`` for a corrupt or non-finite checkpoint;
+      ``FloatingPointError`` when training diverges.
     """
-    from clu import metrics as clu_metrics
-
     from dpmjax.data import BatchIterator
 
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh(num_devices)
-    schedule = schedule_from_config(config.schedule)
-    model = build_model(config.model)
-    source = build_data(config)
-    params = init_params(model, source.image_shape, config.seed)
+    rule = validate_train_config(config, mesh, stop_after)
     t = config.train
-    tx = optim.make_optimizer(total_steps=t.num_steps, **dict(config.optim))
-    state = jax.device_put(create_train_state(params, tx, config.seed), replicated(mesh))
-    batches = BatchIterator(source, config.data.batch_size, seed=config.seed, mesh=mesh,
-                            random_flip=config.data.get("random_flip", False))
-
+    workdir = os.path.abspath(workdir)
+    primary = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
     mngr = checkpoint.manager(workdir, t.keep_checkpoints)
-    if mngr.latest_step() is not None:
-        state, meta = checkpoint.restore(mngr, state)
-        if meta.get("config_model") != json.loads(config.model.to_json()):
-            raise checkpoint.CheckpointError(
-                f"checkpoint in {mngr.directory} was trained with model config {meta.get('config_model')}, "
-                f"not {config.model.to_dict()}: use another --workdir")
-        batches.set_state(meta["data_state"])
-    step_fn = make_train_step(_apply_fn(model, schedule), tx, schedule, mesh, target=t.target,
-                              min_snr_gamma=t.min_snr_gamma if t.min_snr_gamma > 0 else None,
-                              ema_decay=t.ema_decay)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json(indent=2))
-
-    writer = _Writer(workdir)
-    start = int(state.step)
-    end = t.num_steps if stop_after is None else min(t.num_steps, start + stop_after)
-    average = None
-    tick = time.perf_counter()
-    bar = tqdm(range(start, end), initial=start, total=t.num_steps, disable=quiet, desc="train", unit="step")
-
-    def save(step):
-        checkpoint.save(mngr, step, state, {"data_state": batches.get_state(),
-                                            "config_model": json.loads(config.model.to_json())})
-
+    writer = None
     try:
-        for step in bar:
-            state, metrics = step_fn(state, next(batches))
-            update = clu_metrics.Average.from_model_output(metrics["loss"])
-            average = update if average is None else average.merge(update)
-            done = step + 1
-            if done % t.log_every == 0 or done == end:
-                with jax.numpy_dtype_promotion("standard"):  # clu divides a float total by an int count
-                    loss = float(average.compute())
-                if not np.isfinite(loss):
-                    raise FloatingPointError(
-                        f"loss became {loss} by step {done}; stopping. The last good checkpoint is step "
-                        f"{mngr.latest_step()} in {mngr.directory}")
-                elapsed = time.perf_counter() - tick
-                rate = t.log_every * config.data.batch_size / max(elapsed, 1e-9)
-                writer.write(done, {"loss": loss, "grad_norm": float(metrics["grad_norm"]), "images_per_s": rate})
-                bar.set_postfix(loss=f"{loss:.4f}")
-                average, tick = None, time.perf_counter()
-            if done % t.checkpoint_every == 0 or done == end:
-                save(done)
+        latest = mngr.latest_step()
+        checkpoint_config = None
+        if latest is not None and not os.path.exists(os.path.join(workdir, resume.CONFIG_FILE)):
+            checkpoint_config = checkpoint.restore_meta(workdir, latest)[1].get("config")
+        previous = resume.check_resume_config(workdir, config, has_checkpoint=latest is not None,
+                                              checkpoint_config=checkpoint_config)
+
+        schedule = schedule_from_config(config.schedule)
+        model = build_model(config.model)
+        source = build_data(config)
+        image_shape = tuple(source.image_shape)
+        tx = optim.make_optimizer(total_steps=t.num_steps, **dict(config.optim))
+
+        def init_state():
+            return create_train_state(init_params(model, image_shape, config.seed), tx, config.seed)
+
+        abstract = jax.eval_shape(init_state)
+        shardings = sharding_rule(rule, mesh, abstract)  # fsdp: a clear error naming the parameter, pre-compile
+        batches = BatchIterator(source, config.data.batch_size, seed=config.seed, mesh=mesh,
+                                random_flip=config.data.get("random_flip", False))
+        # What the jitted init and step close over (the optimizer sees num_steps only through a cosine decay).
+        key = (config.model.to_json(), config.schedule.to_json(), config.optim.to_json(),
+               int(t.num_steps) if config.optim.get("decay") == "cosine" else None, image_shape, int(config.seed),
+               str(t.target), float(t.get("min_snr_gamma", 0.0)), float(t.ema_decay), rule, mesh)
+
+        if latest is not None:
+            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                                  shardings)
+            state, meta = checkpoint.restore(mngr, target, latest)
+            batches.set_state(meta["data_state"])
+            if primary:
+                print(f"resuming from step {latest} (checkpoint {os.path.join(str(mngr.directory), str(latest))})",
+                      flush=True)
+        else:
+            init = _cached(("init",) + key, lambda: jax.jit(init_state, out_shardings=shardings))
+            state = init()
+        start = int(latest or 0)
+        if primary:
+            resume.record_config(workdir, config, previous, start)
+            resume.truncate_metrics(workdir, start)
+            writer = _Writer(workdir)
+        gamma = float(t.get("min_snr_gamma", 0.0))
+        step_fn = _cached(("step",) + key, lambda: make_train_step(
+            _apply_fn(model, schedule), tx, schedule, mesh, target=t.target,
+            min_snr_gamma=gamma if gamma > 0 else None, ema_decay=t.ema_decay, state_sharding=shardings))
+        return _run(config, state, step_fn, batches, mngr, writer, start, stop_after, quiet)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
         mngr.wait_until_finished()
         mngr.close()  # stop orbax's background threads before the caller compiles anything else
+
+
+def _run(config, state, step_fn, batches, mngr, writer, start, stop_after, quiet):
+    t = config.train
+    end = t.num_steps if stop_after is None else min(t.num_steps, start + stop_after)
+    config_json = json.loads(config.to_json())
+    last_saved = start if start > 0 else None  # restored checkpoints were verified finite
+    metrics = step_fn.init_metrics()
+    logged_at, tick = start, time.perf_counter()
+    bar = tqdm(range(start, end), initial=start, total=t.num_steps, disable=quiet or writer is None, desc="train",
+               unit="step")
+
+    def last_finite():
+        return (f"the last finite checkpoint is step {last_saved} in {mngr.directory}" if last_saved is not None
+                else f"no checkpoint was saved in {mngr.directory}")
+
+    with _StopRequests() as stop_requests:
+        for step in bar:
+            state, metrics = step_fn(state, next(batches), metrics)
+            done = step + 1
+            log_now = done % t.log_every == 0 or done == end
+            save_now = done % t.checkpoint_every == 0 or done == end
+            stopping = stop_requests.requested(sync_point=log_now or save_now)
+            if not (log_now or save_now or stopping):
+                continue
+            host = jax.device_get(metrics)  # the only host sync: a few scalars, at log / checkpoint steps
+            if not bool(host.finite):
+                raise FloatingPointError(
+                    f"training diverged: the loss, gradient norm or state became NaN or inf at step "
+                    f"{int(host.first_nonfinite)} (checked at step {done}); nothing non-finite was saved; "
+                    f"{last_finite()}")
+            if log_now and writer is not None:
+                elapsed = time.perf_counter() - tick
+                rate = (done - logged_at) * config.data.batch_size / max(elapsed, 1e-9)
+                loss = host.mean("loss")
+                writer.write(done, {"loss": loss, "grad_norm": host.mean("grad_norm"), "images_per_s": rate})
+                bar.set_postfix(loss=f"{loss:.4f}")
+            if log_now:
+                metrics, logged_at, tick = step_fn.init_metrics(), done, time.perf_counter()
+            if (save_now or stopping) and done != last_saved:
+                checkpoint.save(mngr, done, state, {"data_state": batches.get_state(), "config": config_json})
+                last_saved = done
+            if stopping:
+                mngr.wait_until_finished()
+                stop_requests.stop(done, f"saved checkpoint {os.path.join(str(mngr.directory), str(done))}")
     return state

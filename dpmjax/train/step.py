@@ -1,25 +1,79 @@
-"""The jitted, sharded train step: loss -> grads -> optax update -> EMA, in one program."""
+"""The jitted, sharded train step: loss -> grads -> optax update -> EMA, plus on-device metrics, in one program.
+
+    step = make_train_step(apply_fn, tx, schedule, mesh, state_sharding=shardings)
+    state, metrics = step(state, batch, metrics)          # no host sync: metrics stay on device
+    host = jax.device_get(metrics)                          # only at log / checkpoint steps
+
+The metrics are a small accumulator (running sums since the last log, and a "finite so far" flag) that the
+step returns and takes back, so the loop reads one tiny pytree at log and checkpoint steps instead of
+syncing on every step (big_vision's pattern). The finite flag covers the loss, the gradient norm and every
+leaf of the new state: a state is checked before it could ever be saved, whatever the log interval.
+"""
 from __future__ import annotations
 
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from flax import struct
 
-from dpmjax.train import losses
 from dpmjax.sharding import data_sharding, replicated
+from dpmjax.train import losses
 from dpmjax.train.state import TrainState, ema_decay_at, ema_update
 
 
-def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, schedule, mesh, *, target: str = "eps",
-                    min_snr_gamma: float | None = None, ema_decay: float = 0.999):
-    """Returns ``step(state, batch) -> (state, metrics)`` jitted with explicit shardings over ``mesh``.
+@struct.dataclass
+class StepMetrics:
+    loss_sum: jax.Array         # [] float32: sum of the per-step losses since the last reset (log step)
+    grad_norm_sum: jax.Array    # [] float32: sum of the gradient global norms since the last reset
+    count: jax.Array            # [] int32: steps summed
+    finite: jax.Array           # [] bool: every step since this accumulator started gave a finite loss, grad
+                                #    norm and state
+    first_nonfinite: jax.Array  # [] int32: state.step after the first non-finite step (-1: none)
 
-    ``apply_fn(params, x_t, t, y, key) -> prediction`` (``key`` drives dropout and label dropout). Params,
-    optimizer state and EMA are replicated; the batch is split over "data"; the state buffer is donated.
+    def mean(self, name: str) -> float:
+        """Mean of ``loss`` or ``grad_norm`` over the summed steps (host-side, after ``jax.device_get``)."""
+        return float(getattr(self, f"{name}_sum")) / max(int(self.count), 1)
+
+
+def init_metrics() -> StepMetrics:
+    """A fresh accumulator (numpy scalars; the jitted step places them)."""
+    return StepMetrics(loss_sum=np.float32(0.0), grad_norm_sum=np.float32(0.0), count=np.int32(0),
+                       finite=np.bool_(True), first_nonfinite=np.int32(-1))
+
+
+def tree_all_finite(tree) -> jax.Array:
+    """[] bool: no NaN or inf in any floating leaf of ``tree`` (one fused reduction per leaf)."""
+    flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
+             if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
+def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, schedule, mesh, *, target: str = "eps",
+                    min_snr_gamma: float | None = None, ema_decay: float = 0.999, state_sharding=None):
+    """Returns ``step(state, batch, metrics=None) -> (state, metrics)`` jitted with explicit shardings over ``mesh``.
+
+    Args:
+      apply_fn: ``apply_fn(params, x_t, t, y, key) -> prediction`` (``key`` drives dropout and label dropout).
+      tx: the optax transformation whose state ``state.opt_state`` holds.
+      target: what the network predicts ("eps", "x0" or "v"); min_snr_gamma: Min-SNR-gamma weighting or None.
+      state_sharding: a pytree of ``NamedSharding`` like the state (``dpmjax.sharding.sharding_rule``) or one
+        sharding for all of it; default replicated. The batch is split over "data"; the metrics are replicated.
+
+    The state and metrics buffers are donated. ``metrics=None`` starts a fresh accumulator
+    (``step.init_metrics()``). The step is pure: its metrics carry the sums and the finite flag; the caller
+    decides when to fetch them.
     """
-    def step(state: TrainState, batch):
+    if target not in losses.TARGETS:
+        raise ValueError(f"target must be one of {losses.TARGETS}, got {target!r}")
+    if min_snr_gamma is not None and not min_snr_gamma > 0:
+        raise ValueError(f"min_snr_gamma must be None or > 0, got {min_snr_gamma!r}")
+    if not 0.0 <= ema_decay <= 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1], got {ema_decay!r}")
+
+    def step(state: TrainState, batch, metrics: StepMetrics):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
 
         def loss_fn(params):
@@ -32,9 +86,23 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, schedu
         params = optax.apply_updates(state.params, updates)
         ema = ema_update(state.ema_params, params, ema_decay_at(state.step, ema_decay))
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-        return new_state, metrics
+        grad_norm = optax.tree.norm(grads)
+        finite_now = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & tree_all_finite((params, ema, opt_state))
+        first = jnp.where(metrics.finite & ~finite_now, new_state.step, metrics.first_nonfinite)
+        new_metrics = StepMetrics(loss_sum=metrics.loss_sum + loss.astype(jnp.float32),
+                                  grad_norm_sum=metrics.grad_norm_sum + grad_norm.astype(jnp.float32),
+                                  count=metrics.count + 1, finite=metrics.finite & finite_now,
+                                  first_nonfinite=first.astype(jnp.int32))
+        return new_state, new_metrics
 
-    state_sharding = replicated(mesh)
-    return jax.jit(step, in_shardings=(state_sharding, data_sharding(mesh)),
-                   out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)
+    state_sharding = replicated(mesh) if state_sharding is None else state_sharding
+    repl = replicated(mesh)
+    jitted = jax.jit(step, in_shardings=(state_sharding, data_sharding(mesh), repl),
+                     out_shardings=(state_sharding, repl), donate_argnums=(0, 2))
+
+    def train_step(state: TrainState, batch, metrics: StepMetrics | None = None):
+        return jitted(state, batch, init_metrics() if metrics is None else metrics)
+
+    train_step.jitted = jitted
+    train_step.init_metrics = init_metrics
+    return train_step

@@ -72,7 +72,7 @@ def schedule_at(schedule, t):
     One jitted call with the schedule as a pytree argument: compiled once per schedule type and shape (evaluating
     the schedule op by op on the host compiles every primitive separately, seconds per call).
     """
-    with jax.ensure_compile_time_eval(), jax.default_device(jax.devices("cpu")[0]), jax.enable_x64(True):
+    with jax.ensure_compile_time_eval(), jax.default_device(jax.local_devices(backend="cpu")[0]), jax.enable_x64(True):
         out = _schedule_at_jit(float64_leaves(schedule), jnp.asarray(np.asarray(t, np.float64), jnp.float64))
         return tuple(np.array(a, np.float64) for a in out)
 
@@ -93,7 +93,7 @@ def ems_grid(schedule, t_start: float, t_end: float, num_grid: int, *, derivativ
     if grid is None:
         grid = _GRID_FNS[key] = jax.jit(functools.partial(_grid_fn, schedule))
     ramp = np.linspace(0.0, 1.0, int(num_grid) + 1)
-    with jax.ensure_compile_time_eval(), jax.default_device(jax.devices("cpu")[0]), jax.enable_x64(True):
+    with jax.ensure_compile_time_eval(), jax.default_device(jax.local_devices(backend="cpu")[0]), jax.enable_x64(True):
         out = grid(jnp.asarray([t_start, t_end], jnp.float64), jnp.asarray(ramp, jnp.float64))
         out = tuple(np.array(a, np.float64) for a in out)
     return out if derivatives else out[:4]

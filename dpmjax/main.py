@@ -777,7 +777,11 @@ def main(argv=None) -> int:
     except Exception as err:  # noqa: BLE001 - user mistakes become one line; everything else re-raises
         if os.environ.get("DPMJAX_DEBUG") or not isinstance(err, _user_error_types()):
             raise
-        message = " ".join(str(err).split()) or type(err).__name__
+        from dpmjax.train.resume import ConfigMismatchError
+
+        # one line, except a refused resume, whose message is a short diff of the differing keys
+        message = str(err) if isinstance(err, ConfigMismatchError) else " ".join(str(err).split())
+        message = message or type(err).__name__
         print(f"dpmjax: error: {message}", file=sys.stderr)
         return 2
 

@@ -445,7 +445,7 @@ def _host_eval(fn, schedule, values) -> np.ndarray:
     values = np.asarray(values, np.float64)
     size = max(64, 1 << int(np.ceil(np.log2(len(values)))))
     padded = np.pad(values, (0, size - len(values)), mode="edge")
-    with jax.ensure_compile_time_eval(), jax.default_device(jax.devices("cpu")[0]), jax.enable_x64(True):
+    with jax.ensure_compile_time_eval(), jax.default_device(jax.local_devices(backend="cpu")[0]), jax.enable_x64(True):
         out = fn(float64_leaves(schedule), jnp.asarray(padded, jnp.float64))
         return np.array(out, dtype=np.float64)[: len(values)]
 

@@ -59,7 +59,7 @@ def rho_grid(schedule, *, num_steps: int | None, spacing: str, t_start=None, t_e
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
     t_start = schedule.default_t_start if t_start is None else float(t_start)
     t_end = schedule.default_t_end if t_end is None else float(t_end)
-    with jax.ensure_compile_time_eval(), jax.default_device(jax.devices("cpu")[0]), jax.enable_x64(True):
+    with jax.ensure_compile_time_eval(), jax.default_device(jax.local_devices(backend="cpu")[0]), jax.enable_x64(True):
         if adaptive:
             schedule.check_times(np.array([t_start, t_end]), name="t_start/t_end")
             if not t_start > t_end:

@@ -270,7 +270,7 @@ def compiler_options(platform: str | None = None) -> dict | None:
 @functools.lru_cache(maxsize=1)
 def _cpu_options_supported() -> bool:
     try:
-        cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+        cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
         probe = jax.jit(lambda x: x + 1.0, compiler_options=CPU_COMPILER_OPTIONS)
         probe.lower(jax.ShapeDtypeStruct((1,), jnp.float32, sharding=cpu)).compile()
         return True

@@ -397,7 +397,9 @@ class _Compiled:
             self.jitted = jax.jit(run)
         else:
             data, repl = sharding.data_sharding(mesh), sharding.replicated(mesh)
-            self.jitted = jax.jit(run, in_shardings=(params_sharding or repl, data, repl, repl, data),
+            # params_sharding None: the params keep the sharding they come with (replicated or fsdp-sharded
+            # arrays on the mesh; host arrays are placed by XLA)
+            self.jitted = jax.jit(run, in_shardings=(params_sharding, data, repl, repl, data),
                                   out_shardings=(data, repl))
 
     def grid_for(self, timesteps, grid_options):
@@ -501,9 +503,9 @@ def make_param_sampler(apply_fn: Callable, *, schedule, solver: str, nfe: int | 
       schedule, solver, nfe, timesteps: as ``sample``; ``timesteps`` given here is the default grid, and each
         call may pass another of the same length.
       mesh: a ``jax.sharding.Mesh`` with a "data" axis (``dpmjax.sharding.make_mesh``): x_T, cond and the output
-        are split over it, params placed by ``params_sharding`` (default replicated; e.g.
-        ``dpmjax.sharding.sharding_rule("fsdp", mesh, params)``). A multi-host global x_T whose batch equals the
-        compiled batch passes through untouched.
+        are split over it, params placed by ``params_sharding`` (default: as they come, e.g. replicated or
+        fsdp-sharded by training; or ``dpmjax.sharding.sharding_rule("fsdp", mesh, params)``). A multi-host
+        global x_T whose batch equals the compiled batch passes through untouched.
       batch_size: the compiled batch; a larger x_T runs in chunks of it (chunk c > 0 uses
         ``fold_in(key, c)``), a smaller or last partial chunk is padded and sliced, never recompiled. Default:
         the batch of x_T, padded to a multiple of the data axis.

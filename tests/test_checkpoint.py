@@ -13,23 +13,14 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from dpmjax import sharding
-from dpmjax.config import configs_dir, load_config
 from dpmjax.train import checkpoint
 from dpmjax.train.loop import train
 from dpmjax.workdir import load_params
 
+from tiny_configs import tiny_unet_config  # noqa: E402  (tests/tiny_configs.py)
 
-def tiny_config(**train_overrides):
-    """tests/test_train.py's tiny UNet (one compile serves both files in one process); 16 channels give array
-    chunks of several KB in the checkpoint files."""
-    config = load_config(os.path.join(configs_dir(), "digits.py"))
-    with config.unlocked():
-        config.model.update(model_channels=16, channel_mult=(1,), num_res_blocks=1, mid_attention=False,
-                            num_groups=4)
-        config.data.batch_size = 16
-        config.optim.update(learning_rate=1e-3, warmup_steps=0, decay="constant")
-        config.train.update({"num_steps": 4, "log_every": 2, "checkpoint_every": 2, **train_overrides})
-    return config
+
+tiny_config = tiny_unet_config
 
 
 @pytest.fixture(scope="module")

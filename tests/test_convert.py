@@ -27,6 +27,7 @@ from dpmjax.metrics.weights import UnsafeCheckpointError  # noqa: E402
 from dpmjax.nn.diffusers_unet import UNET2D_DEFAULTS  # noqa: E402
 from dpmjax.train.convert import ConversionError, convert_diffusers, schedule_from_diffusers  # noqa: E402
 from dpmjax.workdir import load_for_sampling  # noqa: E402
+from tiny_configs import leftovers, model_folder  # noqa: E402  (tests/tiny_configs.py)
 
 # google/ddpm-cifar10-32's config.json (diffusers 0.0.4 era: keys added later take today's defaults), with
 # block_out_channels (128, 256, 256, 256) shrunk 4x.
@@ -189,17 +190,7 @@ def test_cli_converts_and_samples(small, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------ bad input
 
-def _leftovers(parent):
-    return sorted(n for n in os.listdir(parent) if n.startswith("."))
-
-
-def _model_folder(tmp_path, config, weights=b"", name="diffusion_pytorch_model.safetensors"):
-    folder = tmp_path / "model"
-    folder.mkdir()
-    with open(folder / "config.json", "w") as f:
-        json.dump(config, f)
-    (folder / name).write_bytes(weights)
-    return folder
+_leftovers, _model_folder = leftovers, model_folder
 
 
 def test_shape_mismatch_and_missing_tensors_are_named(small, tmp_path):

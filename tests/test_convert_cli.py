@@ -5,7 +5,6 @@ These tests need neither torch nor diffusers (``tests/test_convert.py`` holds th
 diffusers' torch model and skips without torch): a clean CI machine runs them all.
 """
 import json
-import os
 import re
 
 import jax
@@ -16,6 +15,7 @@ from dpmjax.main import main
 from dpmjax.nn.diffusers_unet import DiffusersUNet2D, UnsupportedConfigError, normalize_config
 from dpmjax.train.convert import ConversionError, abstract_params, convert_diffusers, schedule_from_diffusers
 from dpmjax.workdir import load_params
+from tiny_configs import leftovers, model_folder  # noqa: E402  (tests/tiny_configs.py)
 
 # A small but complete UNet2DModel layout (attention in one level, resnet blocks, GroupNorm of 4 groups).
 TINY_LAYOUT = {"_class_name": "UNet2DModel", "sample_size": 8, "in_channels": 1, "out_channels": 1,
@@ -29,17 +29,7 @@ CIFAR10_BLOCKS = {"_class_name": "UNet2DModel", "block_out_channels": [32, 64, 6
                   "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]}
 
 
-def _leftovers(parent):
-    return sorted(n for n in os.listdir(parent) if n.startswith("."))
-
-
-def _model_folder(tmp_path, config, weights=b"", name="diffusion_pytorch_model.safetensors"):
-    folder = tmp_path / "model"
-    folder.mkdir()
-    with open(folder / "config.json", "w") as f:
-        json.dump(config, f)
-    (folder / name).write_bytes(weights)
-    return folder
+_leftovers, _model_folder = leftovers, model_folder
 
 
 def torch_layout_weights(layout, seed=0):

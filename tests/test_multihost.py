@@ -20,17 +20,9 @@ SAMPLE_SHAPE = (16, 8, 8, 1)
 
 
 def dit_config(num_steps):
-    """A one-block DiT on 8x8 digits with ``fsdp``: its dense kernels are split over devices of both processes."""
-    from dpmjax.config import configs_dir, load_config
-    config = load_config(os.path.join(configs_dir(), "digits.py"))
-    with config.unlocked():
-        config.model = dict(kind="dit", patch_size=2, hidden_size=64, depth=1, num_heads=2, freq_dim=64,
-                            bfloat16=False)
-        config.data.batch_size = 16
-        config.optim.update(learning_rate=1e-3, warmup_steps=0, decay="constant")
-        config.train.update(num_steps=num_steps, log_every=1, checkpoint_every=2)
-        config.train.sharding = "fsdp"
-    return config
+    """The shared one-block DiT with ``fsdp``: its dense kernels are split over devices of both processes."""
+    from tiny_configs import tiny_dit_config
+    return tiny_dit_config(num_steps=num_steps, checkpoint_every=2, sharding="fsdp")
 
 
 def x_T():

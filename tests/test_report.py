@@ -9,7 +9,6 @@ the real one (trained and cached on first use, ~25 s).
 import csv
 import math
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np

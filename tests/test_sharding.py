@@ -10,8 +10,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from dpmjax import sharding
-from dpmjax.config import configs_dir, load_config
 from dpmjax.train.loop import train
+from tiny_configs import tiny_dit_config  # noqa: E402  (tests/tiny_configs.py)
 
 
 def abstract(*shapes):
@@ -46,16 +46,8 @@ def test_bytes_per_device_counts_shards():
 
 
 def dit_config(rule):
-    """A one-block DiT on 8x8 digits: most of its bytes sit in dense kernels fsdp can split 8 ways."""
-    config = load_config(os.path.join(configs_dir(), "digits.py"))
-    with config.unlocked():
-        config.model = dict(kind="dit", patch_size=2, hidden_size=64, depth=1, num_heads=2, freq_dim=64,
-                            bfloat16=False)
-        config.data.batch_size = 16
-        config.optim.update(learning_rate=1e-3, warmup_steps=0, decay="constant")
-        config.train.update(num_steps=3, log_every=1, checkpoint_every=3)
-        config.train.sharding = rule
-    return config
+    """The shared one-block DiT (tests/tiny_configs.py) under ``rule``."""
+    return tiny_dit_config(num_steps=3, checkpoint_every=3, sharding=rule)
 
 
 def test_fsdp_trains_like_replicate_with_an_eighth_of_the_parameter_bytes(tmp_path):

@@ -20,17 +20,10 @@ from dpmjax.train.loop import train
 from dpmjax.train.resume import ConfigMismatchError
 from dpmjax.workdir import load_for_sampling
 
+from tiny_configs import tiny_unet_config  # noqa: E402  (tests/tiny_configs.py)
 
-def tiny_config(**train_overrides):
-    """A ~10k-parameter UNet on 8x8 digits (the same as tests/test_checkpoint.py's: one compile serves both)."""
-    config = load_config(os.path.join(configs_dir(), "digits.py"))
-    with config.unlocked():
-        config.model.update(model_channels=16, channel_mult=(1,), num_res_blocks=1, mid_attention=False,
-                            num_groups=4)
-        config.data.batch_size = 16
-        config.optim.update(learning_rate=1e-3, warmup_steps=0, decay="constant")
-        config.train.update({"num_steps": 4, "log_every": 2, "checkpoint_every": 2, **train_overrides})
-    return config
+
+tiny_config = tiny_unet_config
 
 
 def rows(workdir):

@@ -47,6 +47,15 @@ _SAMPLE_ONLY = ("prediction", "return_trajectory", "return_info", "thresholding"
                 "threshold_max", "check_nan", "remat")
 
 
+def _mismatch_errors() -> tuple:
+    from flax.errors import FlaxError
+
+    return (TypeError, ValueError, KeyError, IndexError, AttributeError, FlaxError)
+
+
+_MISMATCH_ERRORS = _mismatch_errors()
+
+
 class SamplingError(RuntimeError):
     """A sampler could not produce a valid sample (non-finite model output, adaptive solve stopped early)."""
 
@@ -376,6 +385,7 @@ class _Compiled:
             raise ValueError("a compiled sampler takes one time grid [N+1] for the whole batch; per-sample grids "
                              "[N+1, B] run through dpmjax.sample")
         self.solver, self.schedule, self.check_nan, self.mesh = solver, schedule, bool(check_nan), mesh
+        self.params_sharding = params_sharding
         self.num_shards = 1 if mesh is None else sharding.data_axis_size(mesh)
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                        or batch_size < 1 or batch_size % self.num_shards):
@@ -420,6 +430,22 @@ class _Compiled:
                              f"points, got {np.shape(timesteps)} (build another sampler for another length)")
         return grid
 
+    def place_params(self, params):
+        """Params not already on the mesh (e.g. restored to one device) are replicated over it; params on the mesh
+        (replicated or fsdp-sharded by training) keep their sharding."""
+        if self.mesh is None or self.params_sharding is not None:
+            return params
+        from dpmjax import sharding
+
+        devices, replicated = set(self.mesh.devices.flat), sharding.replicated(self.mesh)
+
+        def place(leaf):
+            if isinstance(leaf, jax.Array) and leaf.sharding.device_set == devices:
+                return leaf
+            return jax.device_put(leaf, replicated)
+
+        return jax.tree.map(place, params)
+
     def __call__(self, params, x_T, key, timesteps, cond, grid_options=None):
         from dpmjax import sharding
 
@@ -435,6 +461,7 @@ class _Compiled:
                                  f"{np.shape(value)}")
         chunk = self.batch_size or -(-total // self.num_shards) * self.num_shards
         self._check_inputs(params, x_T, cond, chunk)
+        params = self.place_params(params)
         if chunk == total:  # no slicing: global (multi-host) arrays pass through untouched
             x, info = self.jitted(params, x_T, key, grid, cond)
             self._check(info)
@@ -464,7 +491,7 @@ class _Compiled:
                       for k, v in cond.items()}
         try:
             out = jax.eval_shape(lambda p, x, t, c: self.apply_fn(p, x, t, **c), params, x, t, cond_chunk)
-        except Exception as err:  # noqa: BLE001 - re-raised with the names a user needs
+        except _MISMATCH_ERRORS as err:  # shapes and structures that do not fit: named; other errors propagate
             raise ValueError(f"params (or conditioning {sorted(cond)}) do not fit apply_fn for x_T of shape "
                              f"{tuple(x_T.shape)}: {type(err).__name__}: {err}") from err
         if not hasattr(out, "shape") or tuple(out.shape) != tuple(x.shape):

@@ -1,0 +1,49 @@
+"""Small training configs and file fixtures shared by several test modules (not collected: no ``test_`` prefix).
+
+Building the same config in every module lets one compiled train step serve them all in one process.
+"""
+import json
+import os
+
+from dpmjax.config import configs_dir, load_config
+
+
+def tiny_unet_config(**train_overrides):
+    """A ~10k-parameter UNet on 8x8 digits, 4 steps at batch 16; 16 channels give array chunks of several KB in
+    the checkpoint files."""
+    config = load_config(os.path.join(configs_dir(), "digits.py"))
+    with config.unlocked():
+        config.model.update(model_channels=16, channel_mult=(1,), num_res_blocks=1, mid_attention=False,
+                            num_groups=4)
+        config.data.batch_size = 16
+        config.optim.update(learning_rate=1e-3, warmup_steps=0, decay="constant")
+        config.train.update({"num_steps": 4, "log_every": 2, "checkpoint_every": 2, **train_overrides})
+    return config
+
+
+def tiny_dit_config(*, num_steps, checkpoint_every, sharding="replicate"):
+    """A one-block DiT on 8x8 digits, logging every step: most of its bytes sit in dense kernels that fsdp can
+    split 8 ways."""
+    config = load_config(os.path.join(configs_dir(), "digits.py"))
+    with config.unlocked():
+        config.model = dict(kind="dit", patch_size=2, hidden_size=64, depth=1, num_heads=2, freq_dim=64,
+                            bfloat16=False)
+        config.data.batch_size = 16
+        config.optim.update(learning_rate=1e-3, warmup_steps=0, decay="constant")
+        config.train.update(num_steps=num_steps, log_every=1, checkpoint_every=checkpoint_every, sharding=sharding)
+    return config
+
+
+def leftovers(parent):
+    """Hidden (temporary) entries left in a folder."""
+    return sorted(n for n in os.listdir(parent) if n.startswith("."))
+
+
+def model_folder(tmp_path, config, weights=b"", name="diffusion_pytorch_model.safetensors"):
+    """A diffusers model folder: config.json and one weights file."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    with open(folder / "config.json", "w") as f:
+        json.dump(config, f)
+    (folder / name).write_bytes(weights)
+    return folder

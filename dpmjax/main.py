@@ -272,17 +272,10 @@ class _Sampling:
 
     def apply_fn(self):
         """``apply_fn(params, x, t[, y])`` of the network (guided for class-conditional models)."""
-        import jax.numpy as jnp
-
         from dpmjax.nn import make_apply_fn, make_cfg_apply_fn
 
-        plain = make_apply_fn(self.model, self.schedule)
         if self.num_classes is None:
-            return plain
-        if self.guidance_scale == 1.0:  # the conditional model alone: one half of the CFG batch
-            return lambda params, x, t, y: plain(params, x, t, y=y)
-        if self.guidance_scale == 0.0:  # the unconditional model (null class)
-            return lambda params, x, t, y: plain(params, x, t, y=jnp.full_like(y, self.num_classes))
+            return make_apply_fn(self.model, self.schedule)
         return make_cfg_apply_fn(self.model, self.schedule, self.guidance_scale)
 
     def report_apply_fn(self):

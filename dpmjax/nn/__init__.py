@@ -137,10 +137,16 @@ def make_cfg_apply_fn(module, schedule, guidance_scale, *, num_classes: int | No
     """Classifier-free guided ``apply_fn(params, x, t, y)``: out_u + s (out_c - out_u) (Ho & Salimans 2022,
     eq. 6), both halves as one batch of 2B (one NFE); the unconditional half uses the null class
     ``num_classes`` (default ``module.num_classes``). ``guidance_scale`` may be a Python float or a traced
-    scalar / [B] array (then one compiled program serves every scale)."""
+    scalar / [B] array (then one compiled program serves every scale); a Python 1.0 (the conditional model) or
+    0.0 (the unconditional one) runs one batch of B instead of 2B."""
     null_label = module.num_classes if num_classes is None else num_classes
     if null_label is None:
         raise ValueError("make_cfg_apply_fn needs a class-conditional module (num_classes set) or num_classes=")
+    plain = make_apply_fn(module, schedule)
+    if isinstance(guidance_scale, (int, float)) and guidance_scale in (0.0, 1.0):
+        if guidance_scale == 1.0:
+            return lambda params, x, t, y: plain(params, x, t, y=_labels(y, x.shape[0]))
+        return lambda params, x, t, y: plain(params, x, t, y=jnp.full((x.shape[0],), null_label, jnp.int32))
 
     def apply_fn(params, x, t, y):
         batch = x.shape[0]

@@ -593,7 +593,7 @@ def cmd_ems(args) -> int:
 
 def cmd_convert(args) -> int:
     from dpmjax.metrics.weights import UnsafeCheckpointError
-    from dpmjax.train.convert import convert_diffusers
+    from dpmjax.convert import convert_diffusers
 
     try:
         out = convert_diffusers(args.from_diffusers, args.out, scheduler_config=args.scheduler_config,

@@ -5,7 +5,7 @@
 
 Both sides run the same work on the same random weights: the google/ddpm-cifar10-32 UNet2DModel layout (35.7M
 parameters, seeded random init) built in torch, saved with ``save_pretrained`` and converted with
-``dpmjax.train.convert``; the same float32 x_T; DPM-Solver++(2M) for 10 model calls on diffusers' "linspace"
+``dpmjax.convert``; the same float32 x_T; DPM-Solver++(2M) for 10 model calls on diffusers' "linspace"
 timesteps ending at sigma = 0. diffusers: ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++",
 solver_order=2)`` stepping the torch ``UNet2DModel`` under ``torch.inference_mode`` with ``--threads`` intra-op
 threads. dpmjax: ``jax.jit`` of ``dpmjax.sample(..., solver="dpmpp_2m", spacing="linspace",
@@ -32,7 +32,7 @@ import numpy as np
 import dpmjax
 from dpmjax.config import load_config
 from dpmjax.nn import make_model_fn
-from dpmjax.train.convert import convert_diffusers
+from dpmjax.convert import convert_diffusers
 from dpmjax.workdir import load_params
 
 SCHEDULER = {"_class_name": "DDPMScheduler", "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001,

@@ -25,7 +25,7 @@ import dpmjax  # noqa: E402
 from dpmjax.main import main  # noqa: E402
 from dpmjax.metrics.weights import UnsafeCheckpointError  # noqa: E402
 from dpmjax.nn.diffusers_unet import UNET2D_DEFAULTS  # noqa: E402
-from dpmjax.train.convert import ConversionError, convert_diffusers, schedule_from_diffusers  # noqa: E402
+from dpmjax.convert import ConversionError, convert_diffusers, schedule_from_diffusers  # noqa: E402
 from dpmjax.workdir import load_for_sampling  # noqa: E402
 from tiny_configs import leftovers, model_folder  # noqa: E402  (tests/tiny_configs.py)
 

@@ -13,7 +13,7 @@ import pytest
 
 from dpmjax.main import main
 from dpmjax.nn.diffusers_unet import DiffusersUNet2D, UnsupportedConfigError, normalize_config
-from dpmjax.train.convert import ConversionError, abstract_params, convert_diffusers, schedule_from_diffusers
+from dpmjax.convert import ConversionError, abstract_params, convert_diffusers, schedule_from_diffusers
 from dpmjax.workdir import load_params
 from tiny_configs import leftovers, model_folder  # noqa: E402  (tests/tiny_configs.py)
 

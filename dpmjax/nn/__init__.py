@@ -37,7 +37,7 @@ def build_model(model_config):
         return UNet(**kwargs)
     if kind == "dit":
         return DiT(**kwargs)
-    if kind == "diffusers_unet":  # `dpmjax convert --from-diffusers` (dpmjax.train.convert)
+    if kind == "diffusers_unet":  # `dpmjax convert --from-diffusers` (dpmjax.convert)
         from dpmjax.nn.diffusers_unet import DiffusersUNet2D
         return DiffusersUNet2D.from_config(kwargs)
     raise ValueError(f"config.model.kind must be one of {MODEL_KINDS}, got {kind!r}")

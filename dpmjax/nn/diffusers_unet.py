@@ -2,7 +2,7 @@
 
 The module tree mirrors diffusers' ``state_dict`` names with ``.N`` folded into the preceding name
 (``down_blocks.1.attentions.0.to_q.weight`` -> ``down_blocks_1/attentions_0/to_q/kernel``), so a
-``UNet2DModel`` checkpoint maps one-to-one (``dpmjax.train.convert``). Built from a diffusers ``config.json``
+``UNet2DModel`` checkpoint maps one-to-one (``dpmjax.convert``). Built from a diffusers ``config.json``
 with ``DiffusersUNet2D.from_config``; keys missing from an old config take the defaults of diffusers'
 ``UNet2DModel.__init__`` (0.42), as ``from_pretrained`` does.
 

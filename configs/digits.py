@@ -17,13 +17,15 @@ from . import common
 def get_config(arg=None):
     arg = common.parse_arg(arg, runlocal=False, cond=False)
     c = common.base()
-    # ~190k parameters: 8x8 -> 4x4 with self-attention at 4x4 (about 0.1 s per step at batch 128 on 2 cores)
-    c.model = dict(kind="unet", model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
-                   num_heads=2, dropout=0.0, num_groups=8, mid_attention=True, bfloat16=False)
+    # ~173k parameters: 8x8 -> 4x4, no attention (at 8x8, attention cost more step time than it gave quality),
+    # v-prediction, learning rate 4e-3, 2000 steps (about 60 ms per step at batch 128 on 2 idle cores), sampled
+    # on the Karras grid: experiments/quickstart_quality.py and BENCHMARKS.md "Quickstart quality" chose these.
+    c.model = dict(kind="unet", model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
+                   num_heads=2, dropout=0.0, num_groups=8, mid_attention=False, bfloat16=False)
     c.data = dict(name="digits", image_shape=(8, 8, 1), batch_size=128, random_flip=False)
-    c.optim.update(learning_rate=2e-3, warmup_steps=100, decay="cosine")
-    c.train.update(num_steps=1500, ema_decay=0.995, log_every=50, checkpoint_every=500)
-    c.sample.update(solver="dpmpp_2m", nfe=10, spacing="logSNR", num=1000)
+    c.optim.update(learning_rate=4e-3, warmup_steps=100, decay="cosine")
+    c.train.update(num_steps=2000, target="v", ema_decay=0.995, log_every=50, checkpoint_every=500)
+    c.sample.update(solver="dpmpp_2m", nfe=10, spacing="karras", num=1000)
     if arg.runlocal:
         c.model = common.tiny_unet()
         common.runlocal(c)

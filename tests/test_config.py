@@ -90,7 +90,7 @@ def test_override_as_two_arguments():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("--config.train.num_steps=abc", r"--config.train.num_steps=abc: expected an integer \(the default is 1500\)"),
+    ("--config.train.num_steps=abc", r"--config.train.num_steps=abc: expected an integer \(the default is 2000\)"),
     ("--config.train.num_steps=1.5", r"--config.train.num_steps=1.5: expected an integer"),
     ("--config.train.num_steps=True", r"--config.train.num_steps=True: expected an integer"),
     ("--config.optim.learning_rate=fast", r"--config.optim.learning_rate=fast: expected a number"),

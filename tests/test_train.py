@@ -214,16 +214,18 @@ def test_a_resume_with_another_meaning_is_refused_and_harmless_changes_are_recor
     workdir = str(tmp_path)
     train(tiny_config(), workdir, quiet=True, stop_after=2)
     refused = tiny_config()
+    trained_target = refused.train.target
     with refused.unlocked():
-        refused.train.target = "v"
-    with pytest.raises(ConfigMismatchError, match=r"refusing to resume .*\n  train.target: 'eps' -> 'v'\n"):
+        refused.train.target = "x0"
+    with pytest.raises(ConfigMismatchError,
+                       match=rf"refusing to resume .*\n  train.target: '{trained_target}' -> 'x0'\n"):
         train(refused, workdir, quiet=True)
     with refused.unlocked():
         refused.model.model_channels = 8
-    with pytest.raises(ValueError, match=r"model.model_channels: 16 -> 8\n  train.target: 'eps' -> 'v'"):
+    with pytest.raises(ValueError, match=rf"model.model_channels: 16 -> 8\n  train.target: '{trained_target}' -> 'x0'"):
         train(refused, workdir, quiet=True)
     with open(os.path.join(workdir, "config.json")) as f:
-        assert json.load(f)["train"]["target"] == "eps"  # the refused runs overwrote nothing
+        assert json.load(f)["train"]["target"] == trained_target  # the refused runs overwrote nothing
     longer = tiny_config(num_steps=6, log_every=1, keep_checkpoints=5)
     train(longer, workdir, quiet=True)
     assert steps_on_disk(workdir) == [2, 4, 6]

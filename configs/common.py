@@ -27,44 +27,11 @@ Sections:
 """
 import ml_collections
 
+from dpmjax.config import parse_arg  # noqa: F401  (configs use common.parse_arg)
+
 # What `dpmjax sample` falls back to for workdirs without a sample section (dpmjax.workdir.SAMPLE_DEFAULTS
 # holds the same values; tests/test_config.py checks they agree).
 SAMPLE = dict(solver="dpmpp_2m", nfe=10, spacing="logSNR", guidance_scale=1.0, num=1000)
-
-
-def parse_arg(arg, **spec):
-    """``"a,b=3"`` -> ConfigDict(a=True, b=3, <other names of spec at their defaults>).
-
-    Args:
-      arg: the variant string after ``:`` (None or "" for none).
-      spec: every accepted name with its default; a bare name needs a bool default, ``name=value`` is parsed
-        to the default's type (bool: true/false/1/0; int; float; str).
-    Raises:
-      ValueError naming the item and the accepted names.
-    """
-    result = ml_collections.ConfigDict(dict(spec))
-    for item in (arg or "").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        name, has_value, text = item.partition("=")
-        if name not in spec:
-            raise ValueError(f"unknown variant {name!r}; this config accepts {sorted(spec)}")
-        default = spec[name]
-        if not has_value:
-            if not isinstance(default, bool):
-                raise ValueError(f"variant {name!r} needs a value ({name}=..., default {default!r})")
-            result[name] = True
-        elif isinstance(default, bool):
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"variant {item!r}: expected true or false")
-            result[name] = text.lower() in ("true", "1")
-        else:
-            try:
-                result[name] = type(default)(text)
-            except ValueError:
-                raise ValueError(f"variant {item!r}: expected a {type(default).__name__}") from None
-    return result
 
 
 def base():

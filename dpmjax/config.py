@@ -1,7 +1,7 @@
 """Configs: Python files returning a locked ``ml_collections.ConfigDict``, with ``--config.a.b=value`` overrides.
 
     config = load_config("configs/digits.py")                       # or "digits.py" (looked up in configs/)
-    config = load_config("configs/digits.py:cond,runlocal")         # variants, parsed by configs/common.parse_arg
+    config = load_config("configs/digits.py:cond,runlocal")         # variants, parsed by parse_arg
     config = load_config("configs/digits.py", ["--config.train.num_steps=100", "--config.sample.nfe", "8"])
 
 A bare file name is looked up in the repository's ``configs/`` folder. The CLI, experiments and tests load
@@ -30,7 +30,7 @@ import os
 import sys
 import types
 
-__all__ = ["ConfigError", "NULLABLE", "configs_dir", "load_config", "apply_overrides", "validate_config"]
+__all__ = ["ConfigError", "NULLABLE", "configs_dir", "parse_arg", "load_config", "apply_overrides", "validate_config"]
 
 
 class ConfigError(ValueError):
@@ -67,6 +67,43 @@ def _load_module(path: str) -> types.ModuleType:
     sys.modules[name] = module  # fresh on every load: an edited config file is read again
     spec.loader.exec_module(module)
     return module
+
+
+def parse_arg(arg, **spec):
+    """``"a,b=3"`` -> ConfigDict(a=True, b=3, <other names of spec at their defaults>).
+
+    Args:
+      arg: the variant string after ``:`` (None or "" for none).
+      spec: every accepted name with its default; a bare name needs a bool default, ``name=value`` is parsed
+        to the default's type (bool: true/false/1/0; int; float; str).
+    Raises:
+      ValueError naming the item and the accepted names.
+    """
+    import ml_collections
+
+    result = ml_collections.ConfigDict(dict(spec))
+    for item in (arg or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, has_value, text = item.partition("=")
+        if name not in spec:
+            raise ValueError(f"unknown variant {name!r}; this config accepts {sorted(spec)}")
+        default = spec[name]
+        if not has_value:
+            if not isinstance(default, bool):
+                raise ValueError(f"variant {name!r} needs a value ({name}=..., default {default!r})")
+            result[name] = True
+        elif isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"variant {item!r}: expected true or false")
+            result[name] = text.lower() in ("true", "1")
+        else:
+            try:
+                result[name] = type(default)(text)
+            except ValueError:
+                raise ValueError(f"variant {item!r}: expected a {type(default).__name__}") from None
+    return result
 
 
 def load_config(spec: str, overrides=()):

@@ -429,6 +429,9 @@ def cmd_sample_workdir(args) -> int:
     if args.out:
         _check_output_file(args.out, "--out", ".npz")
     config, _ = _workdir(args.workdir)
+    custom = _method_sampler(config)
+    if custom is not None:
+        return _sample_with_method(args, config, custom)
     plan = _Sampling(args, config, args.workdir, solvers=args.solvers, nfes=args.nfe, num=args.num)
     several = len(plan.solvers) * len(plan.nfes) > 1
     outputs = {(s, n): _output_path(args, args.workdir, s, n, several) for s in plan.solvers for n in plan.nfes}
@@ -472,6 +475,48 @@ def cmd_sample_workdir(args) -> int:
     return 0
 
 
+def _method_sampler(config):
+    """The ``sample_workdir`` of the method that wrote a workdir (``dpmjax finetune``), or None."""
+    method = config.get("method")
+    if method is None:
+        return None
+    from dpmjax.methods import get_method
+
+    return get_method(method.get("name")).sample_workdir
+
+
+def _sample_with_method(args, config, sample_workdir) -> int:
+    """`dpmjax sample` on a workdir its method samples itself (e.g. DPM-OT's map, then k solver steps)."""
+    import numpy as np
+
+    from dpmjax.metrics.report import image_grid
+    from dpmjax.workdir import sample_settings
+
+    if args.labels is not None or args.guidance_scale is not None or args.ems is not None:
+        raise UsageError(f"--labels / --guidance-scale / --ems do not apply to a {config.method.name} workdir")
+    settings = sample_settings(config)
+    solvers = _check_solvers(args.solvers, "--solvers") if args.solvers else [settings["solver"]]
+    nfes = args.nfe or [int(settings["nfe"])]
+    if len(solvers) * len(nfes) > 1:
+        raise UsageError(f"a {config.method.name} workdir samples one solver and NFE at a time")
+    solver, nfe, num = solvers[0], int(nfes[0]), args.num or int(settings["num"])
+    out = _output_path(args, args.workdir, solver, nfe, False)
+    _check_output_file(out, "--out", ".npz")
+    print(f"sampling {num} images with {config.method.name} ({solver}, {nfe} NFE)", flush=True)
+    start = time.perf_counter()
+    images = np.asarray(sample_workdir(args.workdir, num, seed=args.seed, solver=solver, nfe=nfe,
+                                       spacing=args.spacing, batch_size=args.batch_size))
+    if not np.isfinite(images).all():
+        raise NonFiniteError(f"samples of {args.workdir} are not finite (NaN/inf); nothing was written")
+    images = np.clip(images, -1.0, 1.0)
+    np.savez(out, images=images, solver=solver, nfe=nfe, spacing=args.spacing or settings["spacing"],
+             seed=args.seed, method=config.method.name)
+    image_grid(images, os.path.splitext(out)[0] + ".png")
+    print(f"wrote {out} and {os.path.splitext(out)[0]}.png ({len(images)} samples in "
+          f"{time.perf_counter() - start:.1f} s)", flush=True)
+    return 0
+
+
 def _run_training(config, workdir, *, num_devices, transfer_guard, quiet=False):
     """``dpmjax.train.loop.train`` with implicit device -> host transfers guarded (``TRANSFER_GUARD_LEVELS``)."""
     import jax
@@ -503,6 +548,30 @@ def cmd_train(args, extra) -> int:
     return 0
 
 
+def cmd_finetune(args, extra) -> int:
+    from dpmjax.config import configs_dir, load_config
+    from dpmjax.methods import get_method
+    from dpmjax.methods.base import Teacher, abstract_teacher, teacher_section
+    from dpmjax.methods.loop import finetune, validate_run
+    from dpmjax.workdir import load_config_of, load_teacher
+
+    get_method(args.method)  # an unknown name fails first, listing the methods
+    config = load_config(args.config or os.path.join(configs_dir(), "methods", f"{args.method}.py"), extra)
+    teacher_config = load_config_of(args.teacher)  # a missing teacher fails before anything is built
+    _check_output_dir(args.workdir, "--workdir")
+    _check_num_devices(args.num_devices)
+    if os.path.abspath(args.teacher) == os.path.abspath(args.workdir):
+        raise UsageError("--workdir is the teacher's workdir: write the finetuned model to another folder")
+    shapes = abstract_teacher(teacher_section(Teacher(None, None, None, teacher_config, args.teacher)))
+    validate_run(args.method, config, shapes, num_devices=args.num_devices)  # before restoring or compiling
+    teacher = load_teacher(args.teacher)
+    print(f"finetuning {args.teacher} with {args.method} for {config.train.num_steps} steps in "
+          f"{os.path.abspath(args.workdir)}", flush=True)
+    finetune(args.method, teacher, config, args.workdir, num_devices=args.num_devices)
+    print(f"finetuned {config.train.num_steps} steps; `dpmjax sample --workdir {args.workdir}` samples the result")
+    return 0
+
+
 def _domain_dataset(config, workdir, command):
     from dpmjax.metrics.domain import CONFIGS
 
@@ -528,6 +597,10 @@ def cmd_eval(args) -> int:
     out_dir = _check_output_dir(args.out_dir, "--out-dir") if args.out_dir else None
     config, _ = _workdir(args.workdir)
     _domain_dataset(config, args.workdir, "eval")
+    if _method_sampler(config) is not None:
+        raise UsageError(f"--workdir: `dpmjax eval` does not score {config.method.name} workdirs yet (their sampler "
+                         f"transforms the noise first); `dpmjax sample` draws them and experiments/"
+                         f"{config.method.name}.py scores them")
     plan = _Sampling(args, config, args.workdir, solvers=args.solvers, nfes=args.nfe, num=args.num)
     plan.make_samplers()  # validates every (solver, NFE) of the table before the first row runs
     out_dir = out_dir or _check_output_dir(os.path.join(args.workdir, "eval"), "--out-dir")
@@ -694,6 +767,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fid-num", type=non_negative_int, default=0,
                    help="also FID/KID (Inception, real weights) on this many samples per row (0: none)")
     e.set_defaults(func=cmd_eval)
+
+    from dpmjax.methods import METHOD_MODULES
+
+    f = sub.add_parser("finetune", help="finetune / distil a trained workdir with a method (--config.a.b=v overrides)",
+                       description="Run a finetuning or distillation method on a frozen teacher workdir; the output "
+                                   "workdir samples like any other (`dpmjax sample --workdir OUT`). "
+                                   "--config.a.b=VALUE overrides a field of the method config.", **kw)
+    f.add_argument("--method", required=True, choices=list(METHOD_MODULES), help="the method (dpmjax/methods/NAME.py)")
+    f.add_argument("--teacher", required=True, help="a trained, converted or finetuned workdir (frozen)")
+    f.add_argument("--workdir", required=True, help="output folder (created; an existing run resumes)")
+    f.add_argument("--config", default=None, metavar="FILE.py[:VARIANT]",
+                   help="the method config (default: configs/methods/METHOD.py)")
+    _add_training_flags(f)
+    f.set_defaults(func=cmd_finetune, takes_extra=True)
 
     m = sub.add_parser("ems", help="DPM-Solver-v3 empirical model statistics of a trained workdir", **kw)
     m.add_argument("--workdir", required=True, help="a trained workdir (its training data is used)")

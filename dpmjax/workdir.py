@@ -20,7 +20,7 @@ import jax
 from dpmjax.nn import build_model, init_params, make_model_fn
 from dpmjax.schedules import schedule_from_config
 
-__all__ = ["load_config_of", "load_params", "load_for_sampling", "checkpoint_steps", "SAMPLE_DEFAULTS",
+__all__ = ["load_config_of", "load_params", "load_teacher", "load_for_sampling", "checkpoint_steps", "SAMPLE_DEFAULTS",
            "sample_settings", "EMS_DIR", "ems_files", "load_workdir_ems", "compute_workdir_ems"]
 
 # Sampling defaults for workdirs whose config.json lacks a ``sample`` section or some of its fields (folders
@@ -57,6 +57,9 @@ def load_params(workdir: str, *, step: int | None = None, use_ema: bool = True):
     config = load_config_of(workdir)
     schedule = schedule_from_config(config.schedule)
     model = build_model(config.model)
+    if config.get("method") is not None:  # written by `dpmjax finetune`: the method knows its state's layout
+        from dpmjax.methods import load_student
+        return model, load_student(config, workdir, step=step, use_ema=use_ema), schedule, config
     shape = tuple(config.data.image_shape)
     abstract_params = jax.eval_shape(lambda: init_params(model, shape, config.seed))
     pretrained = config.get("pretrained") is not None  # converted weights: {"params": ...} only
@@ -73,6 +76,15 @@ def load_params(workdir: str, *, step: int | None = None, use_ema: bool = True):
     if pretrained:
         return model, state, schedule, config
     return model, state.ema_params if use_ema else state.params, schedule, config
+
+
+def load_teacher(workdir: str, *, step: int | None = None, use_ema: bool = True):
+    """A trained (or converted, or finetuned) workdir as a frozen ``dpmjax.methods.Teacher`` (EMA weights)."""
+    from dpmjax.methods.base import Teacher
+
+    model, variables, schedule, config = load_params(workdir, step=step, use_ema=use_ema)
+    return Teacher(model=model, params=variables, schedule=schedule, config=config,
+                   workdir=os.path.abspath(workdir))
 
 
 def load_for_sampling(workdir: str, *, step: int | None = None, use_ema: bool = True, y=None):

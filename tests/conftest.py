@@ -81,3 +81,20 @@ def rng():
     import numpy as np
 
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory):
+    """The teacher of every method test, trained once per session: (workdir, dpmjax.methods.Teacher).
+
+    A ~10k-parameter UNet trained 80 steps on 8x8 digits (``tiny_configs.teacher_config``): its samples are
+    blurry digits, which is all mechanics tests need; quality effects are measured by ``experiments/``.
+    """
+    from tiny_configs import teacher_config
+
+    from dpmjax.train.loop import train
+    from dpmjax.workdir import load_teacher
+
+    workdir = str(tmp_path_factory.mktemp("digits_teacher"))
+    train(teacher_config(), workdir, num_devices=1, quiet=True)
+    return workdir, load_teacher(workdir)

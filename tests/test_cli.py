@@ -245,7 +245,7 @@ def test_every_flag_has_help_with_its_default(capsys):
 
     parser = cli.build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
-    assert set(subparsers.choices) == {"quickstart", "train", "sample", "eval", "ems", "solvers", "convert"}
+    assert set(subparsers.choices) == {"quickstart", "train", "sample", "eval", "ems", "solvers", "convert", "finetune"}
     for name, sub in subparsers.choices.items():
         formatter = sub._get_formatter()  # noqa: SLF001
         for action in sub._actions:  # noqa: SLF001

@@ -365,3 +365,13 @@ def test_cifar10_config_runs_one_step_on_mock_data(tmp_path):
     with tfds.testing.mock_data(num_examples=16):
         train(config, str(tmp_path), num_devices=1, quiet=True)
     assert np.isfinite(losses_of(tmp_path)[0])
+
+
+def test_a_run_compiles_its_step_once(tmp_path):
+    """Fresh metric accumulators (after every log step here) are placed like the step's own output: a numpy
+    accumulator was an uncommitted argument, and the second call compiled the whole step again."""
+    from dpmjax.train import loop
+
+    train(tiny_unet_config(num_steps=3, log_every=1, checkpoint_every=3), str(tmp_path), quiet=True)
+    step = next(value for key, value in reversed(loop._COMPILED.items()) if key[0] == "step")  # noqa: SLF001
+    assert step.jitted._cache_size() == 1  # noqa: SLF001

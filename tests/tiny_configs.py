@@ -47,3 +47,13 @@ def model_folder(tmp_path, config, weights=b"", name="diffusion_pytorch_model.sa
         json.dump(config, f)
     (folder / name).write_bytes(weights)
     return folder
+
+
+def teacher_config():
+    """The shared method-test teacher: the tiny UNet trained 80 steps at batch 32 on 8x8 digits (eps)."""
+    config = tiny_unet_config()
+    with config.unlocked():
+        config.data.batch_size = 32
+        config.optim.update(learning_rate=3e-3)
+        config.train.update(num_steps=80, log_every=40, checkpoint_every=80, ema_decay=0.9)
+    return config

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from dpmjax import sharding
 from dpmjax.metrics.inception import FEATURE_DIM, FIDInceptionV3, RESIZE_MODES, compiler_options, preprocess
+from dpmjax.metrics.mmd import mmd2_unbiased, polynomial_kernel
 
 __all__ = ["SingularCovarianceWarning", "RunningStats", "statistics_from_features", "frechet_distance",
            "save_statistics", "load_statistics", "check_statistics", "kernel_inception_distance",
@@ -260,17 +261,12 @@ def kernel_inception_distance(features1, features2, *, num_subsets: int = 100, s
         raise ValueError(f"KID needs at least 2 samples in each set, got {x.shape[0]} and {y.shape[0]}")
     if num_subsets < 1:
         raise ValueError(f"num_subsets must be >= 1, got {num_subsets}")
-    d = x.shape[1]
     rng = np.random.default_rng(seed)
     values = np.empty(num_subsets)
     for s in range(num_subsets):
         xs = x[rng.choice(x.shape[0], m, replace=False)]
         ys = y[rng.choice(y.shape[0], m, replace=False)]
-        k_xx = (xs @ xs.T / d + 1.0) ** 3
-        k_yy = (ys @ ys.T / d + 1.0) ** 3
-        k_xy = (xs @ ys.T / d + 1.0) ** 3
-        within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
-        values[s] = within - 2.0 * k_xy.sum() / (m * m)
+        values[s] = mmd2_unbiased(xs, ys, polynomial_kernel)
     return float(values.mean()), float(values.std())
 
 

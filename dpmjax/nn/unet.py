@@ -86,6 +86,9 @@ class UNet(nn.Module):
       mid_attention: self-attention (and cross-attention) in the middle block.
       num_groups: GroupNorm groups (reduced to a divisor of the channel count where needed).
       dtype / param_dtype: compute dtype (e.g. bfloat16) and parameter dtype (float32).
+
+    ``return_bottleneck=True`` (a call argument, default False; no parameters change) also returns the middle
+    block's output [B, H / 2^(L-1), W / 2^(L-1), C m_{L-1}], e.g. for DMD2's GAN head on the fake score network.
     """
 
     model_channels: int = 32
@@ -127,7 +130,7 @@ class UNet(nn.Module):
                                  "attention_resolutions or mid_attention=True")
 
     @nn.compact
-    def __call__(self, x, t, y=None, context=None, train: bool = False):
+    def __call__(self, x, t, y=None, context=None, train: bool = False, return_bottleneck: bool = False):
         t = jnp.asarray(t)
         self._check(x, t, y, context)
         batch = x.shape[0]
@@ -171,6 +174,7 @@ class UNet(nn.Module):
         if self.mid_attention:
             h = attend(h, "mid", force=True)
         h = res_block(h, h.shape[-1], "mid_1")
+        bottleneck = h
 
         for level in range(last, -1, -1):
             for i in range(self.num_res_blocks + 1):
@@ -183,4 +187,6 @@ class UNet(nn.Module):
         h = nn.silu(group_norm(h.shape[-1], self.num_groups, self.dtype, self.param_dtype, name="norm_out")(h))
         out = nn.Conv(self.out_channels or x.shape[-1], (3, 3), kernel_init=nn.initializers.zeros,
                       name="conv_out", **kw)(h)
+        if return_bottleneck:
+            return out.astype(x.dtype), bottleneck
         return out.astype(x.dtype)

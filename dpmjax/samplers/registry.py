@@ -7,7 +7,7 @@ concrete times into grid data). ``dpmjax solvers`` prints this table.
 from __future__ import annotations
 
 from dpmjax.samplers import adaptive, dc_solver, ddim, dpm_solver, dpm_solver_singlestep, dpm_solver_v3, karras, \
-    pndm, sde_dpmpp, time_shift, unipc, usf
+    pndm, renoise, sde_dpmpp, time_shift, unipc, usf
 from dpmjax.samplers.base import SolverEntry
 
 __all__ = ["SOLVERS"]
@@ -83,6 +83,8 @@ SOLVERS: dict[str, SolverEntry] = {entry.name: entry for entry in (
                 doc="S-PNDM: pseudo improved Euler, then AB2"),
     SolverEntry(name="plms", make=pndm.make_plms, steps_for_nfe=lambda nfe, **_: nfe - 1, min_nfe=lambda **_: 2,
                 doc="PLMS (diffusers' PNDMScheduler with skip_prk_steps)"),
+    SolverEntry(name="renoise", make=renoise.make_renoise, needs_key=renoise.renoise_needs_key,
+                doc="x0 re-noise sampling of few-step distilled generators (DMD2, consistency models)"),
     SolverEntry(name="euler", make=karras.make_euler, doc="Euler in sigma_ve (Karras et al. 2022)"),
     SolverEntry(name="heun", make=karras.make_heun, steps_for_nfe=karras.heun_steps_for_nfe, min_nfe=lambda **_: 2,
                 doc="Heun in sigma_ve (Karras et al. 2022): 2 calls per step"),

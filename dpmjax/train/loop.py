@@ -69,7 +69,7 @@ def _apply_fn(model, schedule):
     return apply
 
 
-class _Writer:
+class MetricsWriter:
     """stdout + JSONL always; TensorBoard through clu when TensorFlow/tensorboard import."""
 
     def __init__(self, workdir: str):
@@ -223,7 +223,6 @@ def train(config, workdir: str, *, num_devices: int | None = None, quiet: bool =
     rule = validate_train_config(config, mesh, stop_after)
     t = config.train
     workdir = os.path.abspath(workdir)
-    primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     mngr = checkpoint.manager(workdir, t.keep_checkpoints)
     writer = None
@@ -253,27 +252,14 @@ def train(config, workdir: str, *, num_devices: int | None = None, quiet: bool =
                int(t.num_steps) if config.optim.get("decay") == "cosine" else None, image_shape, int(config.seed),
                str(t.target), float(t.get("min_snr_gamma", 0.0)), float(t.ema_decay), rule, mesh)
 
-        if latest is not None:
-            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                                  shardings)
-            state, meta = checkpoint.restore(mngr, target, latest)
-            batches.set_state(meta["data_state"])
-            if primary:
-                print(f"resuming from step {latest} (checkpoint {os.path.join(str(mngr.directory), str(latest))})",
-                      flush=True)
-        else:
-            init = _cached(("init",) + key, lambda: jax.jit(init_state, out_shardings=shardings))
-            state = init()
-        start = int(latest or 0)
-        if primary:
-            resume.record_config(workdir, config, previous, start)
-            resume.truncate_metrics(workdir, start)
-            writer = _Writer(workdir)
+        state, start, writer = resume_or_init(
+            workdir, config, previous, mngr, latest, abstract, shardings, batches,
+            lambda: _cached(("init",) + key, lambda: jax.jit(init_state, out_shardings=shardings))())
         gamma = float(t.get("min_snr_gamma", 0.0))
         step_fn = _cached(("step",) + key, lambda: make_train_step(
             _apply_fn(model, schedule), tx, schedule, mesh, target=t.target,
             min_snr_gamma=gamma if gamma > 0 else None, ema_decay=t.ema_decay, state_sharding=shardings))
-        return _run(config, state, step_fn, batches, mngr, writer, start, stop_after, quiet)
+        return run_steps(config, state, step_fn, batches, mngr, writer, start, stop_after, quiet)
     finally:
         if writer is not None:
             writer.close()
@@ -281,12 +267,43 @@ def train(config, workdir: str, *, num_devices: int | None = None, quiet: bool =
         mngr.close()  # stop orbax's background threads before the caller compiles anything else
 
 
-def _run(config, state, step_fn, batches, mngr, writer, start, stop_after, quiet):
+def resume_or_init(workdir, config, previous, mngr, latest, abstract, shardings, batches, init):
+    """(state, start step, writer or None): the checkpoint ``latest`` restored into ``shardings`` (and the data
+    position into ``batches``), or ``init()``; then the config history and metrics.jsonl brought to the start
+    step and, on process 0, the metrics writer. Shared by ``train`` and ``dpmjax.methods.loop.finetune``."""
+    primary = jax.process_index() == 0
+    if latest is not None:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        state, meta = checkpoint.restore(mngr, target, latest)
+        batches.set_state(meta["data_state"])
+        if primary:
+            print(f"resuming from step {latest} (checkpoint {os.path.join(str(mngr.directory), str(latest))})",
+                  flush=True)
+    else:
+        state = init()
+    start = int(latest or 0)
+    writer = None
+    if primary:
+        resume.record_config(workdir, config, previous, start)
+        resume.truncate_metrics(workdir, start)
+        writer = MetricsWriter(workdir)
+    return state, start, writer
+
+
+def run_steps(config, state, step_fn, batches, mngr, writer, start, stop_after, quiet, init_metrics=None):
+    """The step loop of ``train`` and of ``dpmjax.methods.loop.finetune``: steps, logs, the non-finite stop,
+    checkpoints and signal saves.
+
+    ``step_fn(state, batch, metrics) -> (state, metrics)`` with ``metrics`` a ``StepMetrics``; ``init_metrics()``
+    (default ``step_fn.init_metrics``) a fresh one; ``batches`` an iterator with ``get_state()``;
+    ``config.train`` holds the intervals, ``config.data.batch_size`` the images per step. Returns the state.
+    """
+    init_metrics = init_metrics or step_fn.init_metrics
     t = config.train
     end = t.num_steps if stop_after is None else min(t.num_steps, start + stop_after)
     config_json = json.loads(config.to_json())
     last_saved = start if start > 0 else None  # restored checkpoints were verified finite
-    metrics = step_fn.init_metrics()
+    metrics = init_metrics()
     logged_at, tick = start, time.perf_counter()
     bar = tqdm(range(start, end), initial=start, total=t.num_steps, disable=quiet or writer is None, desc="train",
                unit="step")
@@ -313,11 +330,11 @@ def _run(config, state, step_fn, batches, mngr, writer, start, stop_after, quiet
             if log_now and writer is not None:
                 elapsed = time.perf_counter() - tick
                 rate = (done - logged_at) * config.data.batch_size / max(elapsed, 1e-9)
-                loss = host.mean("loss")
-                writer.write(done, {"loss": loss, "grad_norm": host.mean("grad_norm"), "images_per_s": rate})
-                bar.set_postfix(loss=f"{loss:.4f}")
+                scalars = host.means()
+                writer.write(done, {**scalars, "images_per_s": rate})
+                bar.set_postfix({name: f"{value:.4g}" for name, value in list(scalars.items())[:3]})
             if log_now:
-                metrics, logged_at, tick = step_fn.init_metrics(), done, time.perf_counter()
+                metrics, logged_at, tick = init_metrics(), done, time.perf_counter()
             if (save_now or stopping) and done != last_saved:
                 checkpoint.save(mngr, done, state, {"data_state": batches.get_state(), "config": config_json})
                 last_saved = done

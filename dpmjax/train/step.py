@@ -26,22 +26,39 @@ from dpmjax.train.state import TrainState, ema_decay_at, ema_update
 
 @struct.dataclass
 class StepMetrics:
-    loss_sum: jax.Array         # [] float32: sum of the per-step losses since the last reset (log step)
-    grad_norm_sum: jax.Array    # [] float32: sum of the gradient global norms since the last reset
+    sums: dict                  # {name: [] float32}: sum of each per-step scalar since the last reset (log step)
     count: jax.Array            # [] int32: steps summed
-    finite: jax.Array           # [] bool: every step since this accumulator started gave a finite loss, grad
-                                #    norm and state
-    first_nonfinite: jax.Array  # [] int32: state.step after the first non-finite step (-1: none)
+    finite: jax.Array           # [] bool: every step since this accumulator started gave finite metrics and state
+    first_nonfinite: jax.Array  # [] int32: the state's step after the first non-finite step (-1: none)
 
     def mean(self, name: str) -> float:
-        """Mean of ``loss`` or ``grad_norm`` over the summed steps (host-side, after ``jax.device_get``)."""
-        return float(getattr(self, f"{name}_sum")) / max(int(self.count), 1)
+        """Mean of metric ``name`` over the summed steps (host-side, after ``jax.device_get``)."""
+        return float(self.sums[name]) / max(int(self.count), 1)
+
+    def means(self) -> dict:
+        """{name: mean} of every metric (host-side)."""
+        return {name: self.mean(name) for name in self.sums}
 
 
-def init_metrics() -> StepMetrics:
-    """A fresh accumulator (numpy scalars; the jitted step places them)."""
-    return StepMetrics(loss_sum=np.float32(0.0), grad_norm_sum=np.float32(0.0), count=np.int32(0),
-                       finite=np.bool_(True), first_nonfinite=np.int32(-1))
+def init_metrics(names=("loss", "grad_norm")) -> StepMetrics:
+    """A fresh accumulator for the scalars ``names`` (numpy scalars; the jitted step places them)."""
+    return StepMetrics(sums={name: np.float32(0.0) for name in names}, count=np.int32(0), finite=np.bool_(True),
+                       first_nonfinite=np.int32(-1))
+
+
+def accumulate(metrics: StepMetrics, scalars: dict, state_finite, step) -> StepMetrics:
+    """``metrics`` plus one step's ``scalars`` ({name: []}, the names of ``metrics.sums``); the step is finite when
+    every scalar and ``state_finite`` are; ``step`` (the new state's step) is recorded at the first that is not.
+    Runs inside the jitted step: nothing reaches the host."""
+    if set(scalars) != set(metrics.sums):
+        raise ValueError(f"step metrics {sorted(scalars)} differ from the accumulator's {sorted(metrics.sums)}")
+    finite_now = jnp.asarray(state_finite)
+    for value in scalars.values():
+        finite_now = finite_now & jnp.all(jnp.isfinite(value))
+    first = jnp.where(metrics.finite & ~finite_now, step, metrics.first_nonfinite)
+    sums = {name: metrics.sums[name] + jnp.asarray(value, jnp.float32) for name, value in scalars.items()}
+    return StepMetrics(sums=sums, count=metrics.count + 1, finite=metrics.finite & finite_now,
+                       first_nonfinite=jnp.asarray(first, jnp.int32))
 
 
 def tree_all_finite(tree) -> jax.Array:
@@ -87,12 +104,8 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, schedu
         ema = ema_update(state.ema_params, params, ema_decay_at(state.step, ema_decay))
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
         grad_norm = optax.tree.norm(grads)
-        finite_now = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & tree_all_finite((params, ema, opt_state))
-        first = jnp.where(metrics.finite & ~finite_now, new_state.step, metrics.first_nonfinite)
-        new_metrics = StepMetrics(loss_sum=metrics.loss_sum + loss.astype(jnp.float32),
-                                  grad_norm_sum=metrics.grad_norm_sum + grad_norm.astype(jnp.float32),
-                                  count=metrics.count + 1, finite=metrics.finite & finite_now,
-                                  first_nonfinite=first.astype(jnp.int32))
+        new_metrics = accumulate(metrics, {"loss": loss, "grad_norm": grad_norm},
+                                 tree_all_finite((params, ema, opt_state)), new_state.step)
         return new_state, new_metrics
 
     state_sharding = replicated(mesh) if state_sharding is None else state_sharding
@@ -100,9 +113,14 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, schedu
     jitted = jax.jit(step, in_shardings=(state_sharding, data_sharding(mesh), repl),
                      out_shardings=(state_sharding, repl), donate_argnums=(0, 2))
 
+    def fresh_metrics():
+        # placed like the step's own output: a numpy accumulator would be an uncommitted argument, and the
+        # second call (committed metrics) would compile the step a second time
+        return jax.device_put(init_metrics(), repl)
+
     def train_step(state: TrainState, batch, metrics: StepMetrics | None = None):
-        return jitted(state, batch, init_metrics() if metrics is None else metrics)
+        return jitted(state, batch, fresh_metrics() if metrics is None else metrics)
 
     train_step.jitted = jitted
-    train_step.init_metrics = init_metrics
+    train_step.init_metrics = fresh_metrics
     return train_step

@@ -1,0 +1,53 @@
+"""The teachers of the method experiments, trained once and reused (experiment helper, not a script).
+
+    from _teachers import teacher_workdir, real_split
+    workdir = teacher_workdir("digits")            # results/teachers/digits-<config hash>, trained if missing
+    images, labels = real_split("digits", "test")  # held-out real images [N, H, W, C] in [-1, 1]
+
+Every method experiment finetunes / distils the same teacher per dataset, so their tables compare methods,
+not teachers. A teacher is trained by ``dpmjax.train.loop.train`` from ``configs/<dataset>.py`` (digits: the
+quickstart model, a few minutes on 2 cores; fashion_mnist: ``configs/fashion_mnist.py`` with
+``--steps``-style overrides given by the caller) into ``results/teachers/<name>-<hash of the config>``; a
+finished run is reused, and editing the config trains a new one.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEACHERS = os.path.join(ROOT, "results", "teachers")
+
+
+def teacher_workdir(dataset: str = "digits", *, name: str | None = None, overrides=(), quiet: bool = True) -> str:
+    """The workdir of the ``dataset`` teacher (``configs/<dataset>.py`` plus ``overrides``, e.g.
+    ``["--config.train.num_steps=3000"]``), trained now if it has no final checkpoint."""
+    from dpmjax.config import configs_dir, load_config
+    from dpmjax.train.loop import train
+    from dpmjax.workdir import checkpoint_steps
+
+    import hashlib
+
+    config = load_config(os.path.join(configs_dir(), f"{dataset}.py"), list(overrides))
+    tag = hashlib.sha256(config.to_json().encode()).hexdigest()[:8]  # an edited config trains a new teacher
+    workdir = os.path.join(TEACHERS, f"{name or dataset}-{tag}")
+    os.makedirs(TEACHERS, exist_ok=True)
+    with open(workdir + ".lock", "w") as lock:  # experiments started side by side train one teacher, once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if checkpoint_steps(workdir)[-1] >= config.train.num_steps:
+                return workdir
+        except FileNotFoundError:
+            pass
+        print(f"training the {dataset} teacher in {workdir} ({config.train.num_steps} steps)", flush=True)
+        train(config, workdir, quiet=quiet)
+    return workdir
+
+
+def real_split(dataset: str = "digits", split: str = "test"):
+    """(images float32 [N, H, W, C] in [-1, 1], labels int32 [N]) of a split (digits: 'train' / 'test' as
+    training and ``dpmjax quickstart`` use them)."""
+    from dpmjax.data import get_dataset
+    from dpmjax.metrics.domain import all_images
+
+    return all_images(get_dataset(dataset, split))

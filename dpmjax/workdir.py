@@ -12,7 +12,6 @@ reads only small files (no checkpoint is restored), so callers can validate thei
 """
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -31,21 +30,11 @@ EMS_DIR = "ems"
 
 
 def load_config_of(workdir: str):
-    """The ``config.json`` a workdir was trained (or converted) with, as a ConfigDict."""
-    import ml_collections
+    """The ``config.json`` a workdir was trained (or converted, or finetuned) with, as a ConfigDict
+    (``dpmjax.train.resume.read_workdir_config``)."""
+    from dpmjax.train.resume import read_workdir_config
 
-    workdir = os.path.abspath(workdir)
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise FileNotFoundError(f"workdir {workdir} is a file, not a workdir folder")
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"workdir {workdir} does not exist (train one with `dpmjax train --config ... "
-                                "--workdir ...` or convert one with `dpmjax convert`)")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: {workdir} is not a dpmjax training workdir "
-                                "(run `dpmjax train --config ... --workdir ...` first)")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return read_workdir_config(workdir)
 
 
 def load_params(workdir: str, *, step: int | None = None, use_ema: bool = True):

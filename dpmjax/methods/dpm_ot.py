@@ -53,7 +53,6 @@ bincount and ``optax.adam`` (about 40 lines below), so no dependency is added.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -389,30 +388,15 @@ def load_workdir(workdir: str, *, step: int | None = None):
     """(model, OTState, schedule, config) of a finished dpm_ot workdir: its program is built on an abstract teacher
     (shapes only, from ``config.teacher``) and the checkpoint restored (as ``dpmjax.methods.load_student``, which
     returns the network variables alone)."""
-    from dpmjax.methods.base import abstract_teacher
-    from dpmjax.methods.loop import FinetuneState
-    from dpmjax.train import checkpoint
-    from dpmjax.workdir import load_config_of
+    from dpmjax.methods.loop import restore_method_state
+    from dpmjax.train.resume import read_workdir_config
 
-    config = load_config_of(workdir)
+    config = read_workdir_config(workdir)
     if config.get("method") is None or config.method.get("name") != "dpm_ot":
         raise ValueError(f"{workdir} is not a dpm_ot workdir (its config.method is "
                          f"{config.get('method') and config.method.get('name')!r})")
-    teacher = abstract_teacher(config.teacher)
-    program = build(config, teacher)
-
-    def init_state(frozen):
-        key = jax.random.key(int(config.seed))
-        return FinetuneState(step=jnp.zeros((), jnp.int32), key=jax.random.key_data(key),
-                             method=program.init(frozen, key))
-
-    abstract = jax.eval_shape(init_state, program.frozen)
-    mngr = checkpoint.manager(os.path.abspath(workdir))
-    try:
-        state, _ = checkpoint.restore(mngr, abstract, step)
-    finally:
-        mngr.close()
-    return teacher.model, state.method, teacher.schedule, config
+    _, teacher, state = restore_method_state(config, workdir, step=step)
+    return teacher.model, state, teacher.schedule, config
 
 
 def sample_workdir(workdir: str, num: int, *, seed: int = 0, step: int | None = None, solver: str | None = None,

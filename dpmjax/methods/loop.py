@@ -40,7 +40,8 @@ from dpmjax.train import checkpoint, resume
 from dpmjax.train.loop import build_data, resume_or_init, run_steps, validate_train_config
 from dpmjax.train.step import accumulate, init_metrics, tree_all_finite
 
-__all__ = ["FinetuneState", "finetune", "validate_run", "make_finetune_step", "output_config", "load_student", "check_teacher"]
+__all__ = ["FinetuneState", "finetune", "validate_run", "make_finetune_step", "output_config", "load_student",
+           "restore_method_state", "check_teacher"]
 
 
 @struct.dataclass
@@ -214,14 +215,14 @@ def make_finetune_step(program: Program, mesh, state_shardings, frozen_shardings
     return finetune_step
 
 
-def load_student(config, workdir: str, *, step: int | None = None, use_ema: bool = True):
-    """The student's variables of a method workdir (its ``config.json`` read as ``config``): the method's
-    program is built on an abstract teacher (shapes only) to restore the checkpoint, then ``program.student``."""
+def restore_method_state(config, workdir: str, *, step: int | None = None):
+    """(program, abstract teacher, the method's state) of a method workdir whose ``config.json`` is ``config``:
+    the program is built on an abstract teacher (shapes only, from ``config.teacher``) to restore the
+    checkpoint (verified, ``dpmjax.train.checkpoint``) at ``step`` (default the latest)."""
     from dpmjax.methods import get_method
 
-    method = config.method.name
     teacher = abstract_teacher(config.teacher)
-    program = get_method(method).build(config, teacher)
+    program = get_method(config.method.name).build(config, teacher)
     seed = int(config.seed)
 
     def init_state(frozen):
@@ -235,4 +236,10 @@ def load_student(config, workdir: str, *, step: int | None = None, use_ema: bool
         state, _ = checkpoint.restore(mngr, abstract, step)
     finally:
         mngr.close()
-    return program.student(state.method, use_ema)
+    return program, teacher, state.method
+
+
+def load_student(config, workdir: str, *, step: int | None = None, use_ema: bool = True):
+    """The student's variables of a method workdir (its ``config.json`` read as ``config``)."""
+    program, _, method_state = restore_method_state(config, workdir, step=step)
+    return program.student(method_state, use_ema)

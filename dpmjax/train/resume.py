@@ -33,7 +33,7 @@ import json
 import os
 import time
 
-__all__ = ["RESUMABLE_KEYS", "ConfigMismatchError", "flatten_config", "config_diff", "check_resume_config",
+__all__ = ["read_workdir_config", "RESUMABLE_KEYS", "ConfigMismatchError", "flatten_config", "config_diff", "check_resume_config",
            "record_config", "truncate_metrics", "CONFIG_FILE", "HISTORY_FILE", "METRICS_FILE"]
 
 CONFIG_FILE = "config.json"
@@ -168,3 +168,22 @@ def truncate_metrics(workdir: str, step: int) -> int:
     if dropped:
         _write_atomically(path, "".join(kept))
     return dropped
+
+
+def read_workdir_config(workdir: str):
+    """The ``config.json`` a workdir was trained (or converted, or finetuned) with, as a ConfigDict; a clear
+    FileNotFoundError when the folder or its config is missing."""
+    import ml_collections
+
+    workdir = os.path.abspath(workdir)
+    path = os.path.join(workdir, CONFIG_FILE)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise FileNotFoundError(f"workdir {workdir} is a file, not a workdir folder")
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"workdir {workdir} does not exist (train one with `dpmjax train --config ... "
+                                "--workdir ...` or convert one with `dpmjax convert`)")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: {workdir} is not a dpmjax training workdir "
+                                "(run `dpmjax train --config ... --workdir ...` first)")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))

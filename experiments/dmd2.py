@@ -1,9 +1,10 @@
-"""DMD2 on digits: 1-step and 4-step generators distilled from the digits teacher, with the ablations the paper
-argues for (no GAN, no TTUR), scored next to the teacher's best solver at 1-20 NFE.
+"""DMD2 on digits (and Fashion-MNIST): 1-step and 4-step generators distilled from the teacher, with the ablations
+the paper argues for (no GAN, no TTUR), scored next to the teacher's best solver at 1-20 NFE.
 
     python experiments/dmd2.py                                   # teacher table + every run (see RUNS)
     python experiments/dmd2.py --only one_step,one_step_no_gan --steps 400
     python experiments/dmd2.py --skip-teacher                    # runs only (the teacher table is reused)
+    python experiments/dmd2.py --dataset fashion_mnist --only one_step,one_step_no_gan --steps 300 --batch-size 16
 
 Teacher: ``_teachers.teacher_workdir("digits")`` (configs/digits.py, 1500 steps, eps-prediction). Each run is
 ``dpmjax.methods.finetune("dmd2", ...)`` with ``configs/methods/dmd2.py:<variant>`` plus the overrides below
@@ -17,6 +18,8 @@ DDIM on logSNR / time-uniform / Karras grids, best per NFE.
 Writes under results/dmd2/: ``teacher.csv`` (solver x spacing x NFE), ``students.csv`` (run, step, params, NFE),
 ``curves.csv`` (FD of the raw generator at each checkpoint), ``learning_curves.png``, ``fd_vs_nfe.png``,
 ``samples_<run>.png`` and ``samples_teacher_<solver>_nfe<k>.png``; the runs' workdirs in results/dmd2/runs/.
+``--dataset fashion_mnist``: the Fashion-MNIST teacher (``_teachers.OVERRIDES``), its classifier, 500 samples per
+row against the 10000 test images and a shorter teacher table (NFE 1, 2, 4, 10, 20), under results/dmd2/fashion_mnist/.
 """
 from __future__ import annotations
 
@@ -168,7 +171,7 @@ def plots(teacher_rows, student_rows, curve_rows, floor):
     axes[0].axhline(floor, color="gray", ls=":", label="real-data floor")
     axes[0].set_yscale("log")
     axes[0].set_xlabel("update (critic steps; the generator gets 1/ttur of them)")
-    axes[0].set_ylabel("Frechet distance (digits classifier)")
+    axes[0].set_ylabel("Frechet distance (dataset classifier)")
     axes[0].set_title("DMD2 learning curves (raw generator, own NFE)")
     axes[0].legend(fontsize=7)
     for run in runs:
@@ -220,7 +223,11 @@ def main():
     parser.add_argument("--curve-points", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-teacher", action="store_true", help="reuse teacher.csv (or leave the table out)")
+    parser.add_argument("--dataset", default="digits", choices=("digits", "fashion_mnist"))
     args = parser.parse_args()
+    global OUT, NUM_SAMPLES, TEACHER_NFES  # one script run, one dataset: its folder and sample budget
+    if args.dataset != "digits":
+        OUT, NUM_SAMPLES, TEACHER_NFES = os.path.join(OUT, args.dataset), 500, (1, 2, 4, 10, 20)
     names = [n for n in args.only.split(",") if n]
     unknown = sorted(set(names) - set(RUNS))
     if unknown:
@@ -230,12 +237,12 @@ def main():
     from dpmjax.metrics.domain import domain_metric
     from dpmjax.workdir import load_teacher
 
-    teacher = load_teacher(teacher_workdir("digits"))
-    real, _ = real_split("digits", "test")
-    train_images, _ = real_split("digits", "train")
-    metric = domain_metric("digits")
+    teacher = load_teacher(teacher_workdir(args.dataset))
+    real, _ = real_split(args.dataset, "test")
+    train_images, _ = real_split(args.dataset, "train")
+    metric = domain_metric(args.dataset)
     floor = score(metric, real, train_images[:NUM_SAMPLES])["frechet"]
-    print(f"real-data floor (1000 training digits vs the 355 held-out): FD {floor}", flush=True)
+    print(f"real-data floor ({NUM_SAMPLES} training images vs the {len(real)} held-out): FD {floor}", flush=True)
     teacher_csv = os.path.join(OUT, "teacher.csv")
     if not args.skip_teacher:
         if os.path.exists(teacher_csv):

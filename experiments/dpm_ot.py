@@ -1,8 +1,9 @@
-"""DPM-OT on digits: OT map + k solver steps vs the plain sampler at the same NFE (k = 2, 5, 10).
+"""DPM-OT on digits and Fashion-MNIST: OT map + k solver steps vs the plain sampler at the same NFE (k = 2, 5, 10).
 
     python experiments/dpm_ot.py                      # a few minutes on 2 cores (teacher trained first if missing)
     python experiments/dpm_ot.py --ks 2 --ot-steps 100 --num-samples 200      # smoke run
     python experiments/dpm_ot.py --seed-check results/dpm_ot/workdirs/k10     # FD spread over 4 noise seeds
+    python experiments/dpm_ot.py --dataset fashion_mnist --num-samples 500 --ks 2,5,10,2@0.3  # .../fashion_mnist
 
 Teacher: ``configs/digits.py`` (``_teachers.teacher_workdir("digits")``). For each item of ``--ks`` (k: t_k derived
 by the config's rule, the point of a 20-step logSNR grid with k steps left; or k@t_k: t_k given),
@@ -26,6 +27,11 @@ drawn target (no OT map) + the same chain, which has the same law as DPM-OT once
 Reference rows: 1000 training images scored as samples (the perfect memoriser) and the held-out set itself.
 Writes results/dpm_ot/dpm_ot.csv (every setting), summary.md (best setting per row), samples_k{K}_t{T}.png (rows:
 DPM-OT samples, their nearest training images, plain samples at the same NFE).
+
+``--dataset fashion_mnist``: the Fashion-MNIST teacher (``_teachers.OVERRIDES``), a random subset of
+``--num-targets`` (default 2048) of the 60000 training images as targets, scores against the 10000 test images; the
+memorisation columns measure distances to all 60000 training images (784 pixels) and the held-out reference
+distances on ``--num-samples`` test images.
 """
 from __future__ import annotations
 
@@ -52,12 +58,16 @@ FIELDS = ["method", "k", "nfe", "solver", "spacing", "t_k", "sigma_t_k", "freche
           "nn_train_median", "closer_than_heldout", "near_copy", "seconds"]
 
 
-def nearest_distances(samples, reference):
-    """L2 distance of each sample to its nearest reference image, float64 [N]."""
+def nearest_distances(samples, reference, chunk=8192):
+    """L2 distance of each sample to its nearest reference image, float64 [N] (reference in chunks of ``chunk``)."""
     a = np.asarray(samples, np.float64).reshape(len(samples), -1)
     b = np.asarray(reference, np.float64).reshape(len(reference), -1)
-    squared = (a ** 2).sum(1)[:, None] + (b ** 2).sum(1)[None, :] - 2.0 * a @ b.T
-    return np.sqrt(np.maximum(squared.min(axis=1), 0.0))
+    best = np.full(len(a), np.inf)
+    for i in range(0, len(b), chunk):
+        part = b[i:i + chunk]
+        squared = (a ** 2).sum(1)[:, None] + (part ** 2).sum(1)[None, :] - 2.0 * a @ part.T
+        best = np.minimum(best, squared.min(axis=1))
+    return np.sqrt(np.maximum(best, 0.0))
 
 
 def score(metric, samples, held_out, train, heldout_nn):
@@ -69,7 +79,7 @@ def score(metric, samples, held_out, train, heldout_nn):
 
 
 def save_png(path, rows, scale=4):
-    """Rows of [N, 8, 8, 1] images in [-1, 1] as one grayscale PNG (white background, dark ink)."""
+    """Rows of [N, H, W, 1] images in [-1, 1] as one grayscale PNG (white background, dark ink)."""
     from PIL import Image
 
     tiles = [np.concatenate([np.pad(np.clip(im[..., 0], -1, 1), 1, constant_values=-1) for im in row], axis=1)
@@ -94,22 +104,26 @@ def main():
     parser.add_argument("--ks", default="2,5,10,2@0.3,5@0.3",
                         help="k (t_k derived from k: the config default) or k@t_k (t_k given), comma-separated")
     parser.add_argument("--num-samples", type=int, default=1000)
-    parser.add_argument("--num-targets", type=int, default=1442)
+    parser.add_argument("--num-targets", type=int, default=None, help="default: 1442 (every digit), 2048 (fashion)")
     parser.add_argument("--ot-steps", type=int, default=300)
-    parser.add_argument("--out", default=OUT, help="output folder (default results/dpm_ot)")
+    parser.add_argument("--dataset", default="digits", choices=("digits", "fashion_mnist"))
+    parser.add_argument("--out", default=None, help="output folder (default results/dpm_ot, results/dpm_ot/<dataset>)")
     parser.add_argument("--seed-check", default=None, metavar="WORKDIR",
                         help="only the seed spread of DPM-OT vs random target on a fitted workdir (e.g. "
                              "results/dpm_ot/workdirs/k10)")
     args = parser.parse_args()
+    args.out = args.out or (OUT if args.dataset == "digits" else os.path.join(OUT, args.dataset))
+    args.num_targets = args.num_targets or (1442 if args.dataset == "digits" else 2048)
     os.makedirs(args.out, exist_ok=True)
-    teacher = load_teacher(teacher_workdir("digits"))
+    teacher = load_teacher(teacher_workdir(args.dataset))
     if args.seed_check:
-        return seed_check(teacher, args.seed_check, args.out)
+        return seed_check(teacher, args.seed_check, args.out, args.dataset)
     apply_fn, schedule = teacher.apply_fn(), teacher.schedule
-    train, _ = real_split("digits", "train")
-    held_out, _ = real_split("digits", "test")
-    metric = domain_metric("digits")
-    heldout_nn = nearest_distances(held_out, train)
+    train, _ = real_split(args.dataset, "train")
+    held_out, _ = real_split(args.dataset, "test")
+    metric = domain_metric(args.dataset)
+    reference = held_out[np.random.default_rng(1).permutation(len(held_out))[:args.num_samples]]
+    heldout_nn = nearest_distances(reference, train)  # how far real unseen images lie from the training set
     noise = jax.random.normal(jax.random.key(0), (args.num_samples,) + teacher.image_shape, jnp.float32)
     rows = []
 
@@ -119,7 +133,7 @@ def main():
 
     picked = np.random.default_rng(0).permutation(len(train))[:args.num_samples]
     record(dict(method="training images", k=0, nfe=0, **score(metric, train[picked], held_out, train, heldout_nn)))
-    record(dict(method="held-out images", k=0, nfe=0, **score(metric, held_out, held_out, train, heldout_nn)))
+    record(dict(method="held-out images", k=0, nfe=0, **score(metric, reference, held_out, train, heldout_nn)))
 
     best, plain_cache = {}, {}
     for item in args.ks.split(","):
@@ -160,7 +174,7 @@ def main():
                 if (tag, name) not in best or row["frechet"] < best[(tag, name)][0]:
                     best[(tag, name)] = (row["frechet"], x)
         x_ot, x_plain = best[(tag, "dpm_ot")][1], best[(tag, "plain")][1]
-        nearest = train[np.argmin(((x_ot[:16, None] - train[None]) ** 2).reshape(16, len(train), -1).sum(-1), 1)]
+        nearest = train[[int(np.argmin(((train - x) ** 2).reshape(len(train), -1).sum(-1))) for x in x_ot[:16]]]
         save_png(os.path.join(args.out, f"samples_k{k}_t{t_k:.3g}.png"), [x_ot[:16], nearest, x_plain[:16]])
 
     with open(os.path.join(args.out, "dpm_ot.csv"), "w", newline="") as f:
@@ -182,7 +196,8 @@ def main():
     print("\n".join(lines))
 
 
-def seed_check(teacher, workdir, out, *, num_seeds=4, num_samples=1000, solver="dpmpp_2m", spacing="time_uniform"):
+def seed_check(teacher, workdir, out, dataset="digits", *, num_seeds=4, num_samples=1000, solver="dpmpp_2m",
+               spacing="time_uniform"):
     """FD of DPM-OT vs the random-target control over ``num_seeds`` fresh noise / index draws (one chain setting),
     and the fitted cell masses from 524,288 fresh N(0, I) draws: how much of a difference between rows is noise.
     Writes results/dpm_ot/seed_check_<workdir name>.csv."""
@@ -192,8 +207,8 @@ def seed_check(teacher, workdir, out, *, num_seeds=4, num_samples=1000, solver="
                                                            mc_batch=8192, mc_batches=64))
     print(f"{workdir}: n * mass(cell) over 524288 draws: min {masses.min():.3f} median {np.median(masses):.3f} "
           f"max {masses.max():.3f}")
-    held_out, _ = real_split("digits", "test")
-    metric = domain_metric("digits")
+    held_out, _ = real_split(dataset, "test")
+    metric = domain_metric(dataset)
     apply_fn = teacher.apply_fn()
     ot_fn = dpm_ot.make_sampler(apply_fn, schedule=schedule, t_k=t_k, nfe=k, solver=solver, spacing=spacing,
                                 prediction=teacher.prediction)

@@ -1,9 +1,10 @@
-"""MMD-DDM at CPU scale on digits: Frechet distance before / after finetuning for T' = 2, 4, 6, 10, beside the
-best training-free solver at the same NFE; peak memory with and without per-step remat; throughput on 1 vs 8
-(simulated) devices.
+"""MMD-DDM at CPU scale on digits and Fashion-MNIST: Frechet distance before / after finetuning for T' = 2, 4, 6,
+10, beside the best training-free solver at the same NFE; peak memory with and without per-step remat;
+throughput on 1 vs 8 (simulated) devices.
 
     python experiments/mmd_ddm.py                       # quality table (teacher: configs/digits.py, trained once)
     python experiments/mmd_ddm.py --t-primes 2,4 --steps 100
+    python experiments/mmd_ddm.py --dataset fashion_mnist --t-primes 2,4 --steps 60 --batch-size 32 --num 500
     python experiments/mmd_ddm.py --memory              # compiled update's temp memory, remat on / off
     python experiments/mmd_ddm.py --throughput          # updates per second on 1 and 8 simulated CPU devices
 
@@ -13,7 +14,9 @@ Quality: the teacher (``_teachers.teacher_workdir("digits")``) is finetuned with
 seed-0 classifier (``dpmjax.metrics.domain``), a network the finetuning never saw, and also in the seed-1
 features it optimised (to show how much of a gain is specific to the optimised space). The training-free
 baseline is the best of several solvers and spacings at the same NFE. Writes ``results/mmd_ddm/quality.csv``,
-``quality.png`` and sample grids; ``memory.csv``; ``throughput.csv``.
+``quality.png`` and sample grids; ``memory.csv``; ``throughput.csv``. ``--dataset fashion_mnist`` does the same
+with the Fashion-MNIST teacher (``_teachers.OVERRIDES``), its classifiers and the 10000 test images, under
+``results/mmd_ddm/fashion_mnist/``.
 """
 from __future__ import annotations
 
@@ -39,10 +42,11 @@ def _append(path, row):
         writer.writerow(row)
 
 
-def _method_config(t_prime: int, steps: int, batch_size: int | None = None, **method):
+def _method_config(t_prime: int, steps: int, batch_size: int | None = None, dataset: str = "digits", **method):
     from dpmjax.config import configs_dir, load_config
 
-    config = load_config(os.path.join(configs_dir(), "methods", "mmd_ddm.py") + f":steps={t_prime}")
+    config = load_config(os.path.join(configs_dir(), "methods", "mmd_ddm.py")
+                         + f":steps={t_prime},features=classifier:{dataset}:1")
     with config.unlocked():
         config.train.update(num_steps=steps, checkpoint_every=steps, log_every=max(1, steps // 10))
         if batch_size:
@@ -51,18 +55,18 @@ def _method_config(t_prime: int, steps: int, batch_size: int | None = None, **me
     return config
 
 
-def _generate(apply_fn, params, schedule, prediction, solver, spacing, nfe, num, seed=0):
+def _generate(apply_fn, params, schedule, prediction, solver, spacing, nfe, num, shape, seed=0):
     import jax
 
     from dpmjax.samplers import make_param_sampler
 
     sampler = make_param_sampler(apply_fn, schedule=schedule, solver=solver, nfe=nfe, spacing=spacing,
                                  prediction=prediction, batch_size=500)
-    x_T = jax.random.normal(jax.random.key(seed), (num, 8, 8, 1))
+    x_T = jax.random.normal(jax.random.key(seed), (num,) + tuple(shape))
     return jax.device_get(sampler(params, x_T, jax.random.key(seed + 1)))
 
 
-def quality(t_primes, steps, num, out, batch_size=None, skip_baselines=False):
+def quality(t_primes, steps, num, out, batch_size=None, skip_baselines=False, dataset="digits"):
     import numpy as np
 
     from _teachers import real_split, teacher_workdir
@@ -71,11 +75,11 @@ def quality(t_primes, steps, num, out, batch_size=None, skip_baselines=False):
     from dpmjax.metrics.report import image_grid
     from dpmjax.workdir import load_params, load_teacher
 
-    teacher_dir = teacher_workdir("digits")
+    teacher_dir = teacher_workdir(dataset)
     teacher = load_teacher(teacher_dir)
     apply_fn = teacher.apply_fn()
-    real, _ = real_split("digits", "test")
-    scorer, optimised = domain_metric("digits", 0), domain_metric("digits", 1)
+    real, _ = real_split(dataset, "test")
+    scorer, optimised = domain_metric(dataset, 0), domain_metric(dataset, 1)
     path = os.path.join(out, "quality.csv")
 
     def score(samples):
@@ -83,8 +87,8 @@ def quality(t_primes, steps, num, out, batch_size=None, skip_baselines=False):
         return dict(frechet=round(held_out["frechet"], 3), confident_share=round(held_out["confident_share"], 3),
                     frechet_optimised_space=round(optimised.frechet(np.clip(samples, -1, 1), real), 3))
 
-    floor = scorer.evaluate(real_split("digits", "train")[0][:1000], real)
-    _append(path, dict(t_prime=0, model="real training digits (floor)", solver="-", spacing="-", nfe=0,
+    floor = scorer.evaluate(real_split(dataset, "train")[0][:num], real)
+    _append(path, dict(t_prime=0, model=f"{num} real training images (floor)", solver="-", spacing="-", nfe=0,
                        finetune_steps=0, seconds=0, frechet=round(floor["frechet"], 3),
                        confident_share=round(floor["confident_share"], 3), frechet_optimised_space="",
                        load="%.1f" % os.getloadavg()[0]))
@@ -93,7 +97,7 @@ def quality(t_primes, steps, num, out, batch_size=None, skip_baselines=False):
         for solver, spacing in BASELINES[:1] if skip_baselines else BASELINES:
             try:
                 samples = _generate(apply_fn, teacher.params, teacher.schedule, teacher.prediction, solver, spacing,
-                                    t_prime, num)
+                                    t_prime, num, teacher.image_shape)
             except ValueError:
                 continue
             row = dict(t_prime=t_prime, model="teacher", solver=solver, spacing=spacing, nfe=t_prime,
@@ -104,13 +108,14 @@ def quality(t_primes, steps, num, out, batch_size=None, skip_baselines=False):
             if best is None or row["frechet"] < best["frechet"]:
                 best = row
         print(f"T'={t_prime}: best training-free {best['solver']}/{best['spacing']} FD {best['frechet']}", flush=True)
-        config = _method_config(t_prime, steps, batch_size)
+        config = _method_config(t_prime, steps, batch_size, dataset)
         workdir = os.path.join(out, "runs", f"mmd_T{t_prime}_{steps}_b{config.data.batch_size}")
         start = time.perf_counter()
         finetune("mmd_ddm", teacher, config, workdir, quiet=True)
         seconds = time.perf_counter() - start
         model, params, schedule, config = load_params(workdir)
-        samples = _generate(apply_fn, params, schedule, teacher.prediction, "ddim", "time_uniform", t_prime, num)
+        samples = _generate(apply_fn, params, schedule, teacher.prediction, "ddim", "time_uniform", t_prime, num,
+                            teacher.image_shape)
         row = dict(t_prime=t_prime, model=f"MMD-DDM (batch {config.data.batch_size})", solver="ddim",
                    spacing="time_uniform", nfe=t_prime, finetune_steps=steps, seconds=round(seconds, 1), **score(samples),
                    load="%.1f" % os.getloadavg()[0])
@@ -239,8 +244,10 @@ def main(argv=None):
     parser.add_argument("--memory", action="store_true")
     parser.add_argument("--throughput", action="store_true")
     parser.add_argument("--throughput-child", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=OUT)
+    parser.add_argument("--dataset", default="digits", choices=("digits", "fashion_mnist"))
+    parser.add_argument("--out", default=None, help="default results/mmd_ddm (digits), results/mmd_ddm/<dataset>")
     args = parser.parse_args(argv)
+    args.out = args.out or (OUT if args.dataset == "digits" else os.path.join(OUT, args.dataset))
     os.makedirs(args.out, exist_ok=True)
     t_primes = [int(t) for t in args.t_primes.split(",")]
     if args.throughput_child:
@@ -249,7 +256,7 @@ def main(argv=None):
         return memory(args.out)
     if args.throughput:
         return throughput(args.out)
-    quality(t_primes, args.steps, args.num, args.out, args.batch_size, args.skip_baselines)
+    quality(t_primes, args.steps, args.num, args.out, args.batch_size, args.skip_baselines, args.dataset)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Distilling step-by-step at CPU scale on digits: Frechet distance of a one-step trajectory-distilled student vs
-the amount of distillation data (10 %, 25 %, 100 % of a pool of N teacher pairs), with and without the auxiliary
-rationale targets (K intermediate states of the teacher's trajectory), at equal update counts.
+"""Distilling step-by-step at CPU scale on digits and Fashion-MNIST: Frechet distance of a one-step
+trajectory-distilled student vs the amount of distillation data (10 %, 25 %, 100 % of a pool of N teacher
+pairs), with and without the auxiliary rationale targets (K intermediate states of the teacher's trajectory), at
+equal update counts.
 
     python experiments/step_by_step.py                          # pool 4000 pairs, 1500 updates per run (~20 min)
     python experiments/step_by_step.py --pool 2000 --steps 600  # quicker
@@ -8,6 +9,7 @@ rationale targets (K intermediate states of the teacher's trajectory), at equal 
     python experiments/step_by_step.py --fractions 0.1 --seed 1 --out results/step_by_step/seed1   # a replicate
     python experiments/step_by_step.py --fractions 0.1,0.25 --rationale denoised --aux-only --out results/step_by_step/denoised
     python experiments/step_by_step.py --plot-only
+    python experiments/step_by_step.py --dataset fashion_mnist --pool 1000 --steps 300 --num 500 --batch-size 32
 
 ``--seed`` changes the pool of pairs (``method.pair_seed``) and the minibatch draws (``config.seed``); other
 ``--alpha`` / ``--seed`` settings go to another ``--out`` folder (rows are keyed by pairs, aux and updates).
@@ -20,7 +22,8 @@ from fresh noise (never a training pair) against the 355 held-out digits in the 
 (``dpmjax.metrics.domain``), and the student's mean squared distance to the teacher's 10-NFE output on that same
 noise (its held-out distillation error). References: the teacher at 1 NFE (its x0-prediction at t = 1: the
 student's initialisation) and at its pair-generating 10 NFE. Writes ``results/step_by_step/quality.csv``,
-``quality.png`` and sample grids.
+``quality.png`` and sample grids. ``--dataset fashion_mnist``: the Fashion-MNIST teacher (``_teachers.OVERRIDES``),
+its seed-0 classifier and the 10000 test images, under ``results/step_by_step/fashion_mnist/``.
 """
 from __future__ import annotations
 
@@ -53,7 +56,7 @@ def _done(path):
 
 
 def _method_config(num_pairs: int, aux: bool, steps: int, alpha: float = 0.5, seed: int = 0,
-                   rationale: str = "states"):
+                   rationale: str = "states", batch_size: int | None = None):
     from dpmjax.config import configs_dir, load_config
 
     config = load_config(os.path.join(configs_dir(), "methods", "step_by_step.py") +
@@ -62,6 +65,8 @@ def _method_config(num_pairs: int, aux: bool, steps: int, alpha: float = 0.5, se
         config.train.update(num_steps=steps, checkpoint_every=steps, log_every=max(1, steps // 10))
         config.method.update(alpha=alpha, pair_seed=seed, rationale=rationale)  # seed: another pool of pairs and other minibatches
         config.seed = seed
+        if batch_size:
+            config.data.batch_size = batch_size
     return config
 
 
@@ -75,7 +80,8 @@ def _generate(apply_fn, params, schedule, prediction, solver, spacing, nfe, x_T)
     return jax.device_get(sampler(params, x_T, jax.random.key(EVAL_SEED + 1)))
 
 
-def quality(pool, fractions, steps, num, out, alpha=0.5, seed=0, aux_only=False, rationale="states"):
+def quality(pool, fractions, steps, num, out, alpha=0.5, seed=0, aux_only=False, rationale="states",
+            dataset="digits", batch_size=None):
     import jax
     import numpy as np
 
@@ -86,10 +92,10 @@ def quality(pool, fractions, steps, num, out, alpha=0.5, seed=0, aux_only=False,
     from dpmjax.workdir import load_params, load_teacher
 
     os.makedirs(out, exist_ok=True)
-    teacher = load_teacher(teacher_workdir("digits"))
+    teacher = load_teacher(teacher_workdir(dataset))
     apply_fn = teacher.apply_fn()
-    real, _ = real_split("digits", "test")
-    scorer = domain_metric("digits", 0)
+    real, _ = real_split(dataset, "test")
+    scorer = domain_metric(dataset, 0)
     path = os.path.join(out, "quality.csv")
     done = _done(path)
     x_T = jax.random.normal(jax.random.key(EVAL_SEED), (num,) + teacher.image_shape)
@@ -119,7 +125,8 @@ def quality(pool, fractions, steps, num, out, alpha=0.5, seed=0, aux_only=False,
                 continue
             workdir = os.path.join(out, "runs", f"pairs{num_pairs}_aux{int(aux)}_steps{steps}_alpha{alpha:g}_seed{seed}")
             start = time.perf_counter()
-            finetune("step_by_step", teacher, _method_config(num_pairs, aux, steps, alpha, seed, rationale), workdir,
+            finetune("step_by_step", teacher, _method_config(num_pairs, aux, steps, alpha, seed, rationale, batch_size),
+                     workdir,
                      quiet=True)
             seconds = time.perf_counter() - start
             _, params, schedule, config = load_params(workdir)
@@ -177,14 +184,17 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="pair_seed and training seed of the student runs")
     parser.add_argument("--aux-only", action="store_true", help="only the runs with the rationale head")
     parser.add_argument("--rationale", default="states", help="states (noisy x_t) or denoised (teacher x0 there)")
-    parser.add_argument("--out", default=OUT)
+    parser.add_argument("--batch-size", type=int, default=None, help="pairs per update (default: the config's 64)")
+    parser.add_argument("--dataset", default="digits", choices=("digits", "fashion_mnist"))
+    parser.add_argument("--out", default=None, help="default results/step_by_step, results/step_by_step/<dataset>")
     parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args(argv)
+    args.out = args.out or (OUT if args.dataset == "digits" else os.path.join(OUT, args.dataset))
     if args.plot_only:
         plot(args.out)
         return 0
     quality(args.pool, [float(f) for f in args.fractions.split(",")], args.steps, args.num, args.out, args.alpha,
-            args.seed, args.aux_only, args.rationale)
+            args.seed, args.aux_only, args.rationale, args.dataset, args.batch_size)
     return 0
 
 

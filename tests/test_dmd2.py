@@ -198,3 +198,57 @@ def test_unet_bottleneck_option_changes_nothing_else(digits_teacher):
     out, bottleneck = apply(teacher.params, x, t, return_bottleneck=True)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(plain))
     assert bottleneck.shape == (2, 8, 8, 16)  # the tiny teacher: one level of 16 channels, no downsampling
+
+
+def test_a_converted_diffusers_teacher_takes_the_gan_head_on_its_mid_block():
+    """The diffusers port (``dpmjax convert`` teachers, e.g. google/ddpm-cifar10-32) returns its mid block's output
+    with ``return_bottleneck=True`` and the same output as without; DMD2 with the GAN validates, builds and traces
+    its update on such a teacher (shapes only: compiling the port's update costs minutes on 2 cores; the GAN's
+    numerics are the UNet tests')."""
+    from tiny_configs import diffusers_teacher
+
+    teacher = diffusers_teacher()
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1), jnp.float32)
+    t = jnp.asarray([10.0, 500.0])
+    apply = jax.jit(teacher.model.apply, static_argnames="return_bottleneck")
+    out, bottleneck = apply(teacher.params, x, t, return_bottleneck=True)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(apply(teacher.params, x, t)))
+    assert bottleneck.shape == (2, 4, 4, 32)  # 8x8 -> 4x4, the last level's 32 channels
+
+    config = dmd2_config("gan=true,ttur=2", data__batch_size=4)
+    dmd2.validate(config, teacher)
+    program = dmd2.build(config, teacher)
+    assert program.needs_data
+    state = jax.eval_shape(program.init, program.frozen, jax.random.key(0))
+    assert state.critic["head"]["params"]["conv"]["kernel"].shape[2] == 32  # the head reads the 32-channel mid block
+    batch = {"image": jax.ShapeDtypeStruct((4, 8, 8, 1), jnp.float32), "label": jax.ShapeDtypeStruct((4,), jnp.int32)}
+    new, scalars = jax.eval_shape(program.update, state, batch, program.frozen, jax.random.key(1))
+    assert jax.tree.map(lambda s: s.shape, new) == jax.tree.map(lambda s: s.shape, state)
+    assert scalars["loss_gan_d"].shape == () and scalars["loss_gan_g"].shape == ()
+
+
+@pytest.mark.parametrize("method, variant", [("dmd2", ""), ("dmd2", "steps=4"), ("step_by_step", "pairs=512")])
+def test_paper_scale_configs_take_the_converted_ddpm_cifar10_teacher(method, variant):
+    """configs/methods/{dmd2,step_by_step}_cifar10.py validate and build (shapes only: no weights, nothing run) on
+    a teacher with google/ddpm-cifar10-32's layout as ``dpmjax convert`` writes it: DMD2 with its GAN head on
+    the port's mid block, step-by-step with the port's conv_out widened."""
+    from dpmjax.methods import abstract_teacher, get_method
+
+    layout = {"act_fn": "silu", "block_out_channels": [128, 256, 256, 256], "center_input_sample": False,
+              "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+              "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3,
+              "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32,
+              "out_channels": 3, "sample_size": 32, "time_embedding_type": "positional",
+              "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]}
+    teacher = abstract_teacher({"model": {"kind": "diffusers_unet", **layout},
+                                "schedule": {"name": "linear", "num_train_timesteps": 1000},
+                                "data": {"name": "tfds:cifar10", "image_shape": [32, 32, 3]}, "target": "eps"})
+    path = os.path.join(configs_dir(), "methods", f"{method}_cifar10.py")
+    config = load_config(f"{path}:{variant}" if variant else path)
+    get_method(method).validate(config, teacher)
+    program = get_method(method).build(config, teacher)
+    state = jax.eval_shape(program.init, program.frozen, jax.random.key(0))
+    if method == "dmd2":
+        assert config.method.gan and "head" in state.critic
+    else:
+        assert state.params["params"]["conv_out"]["kernel"].shape[-1] == 3 * (1 + config.method.rationale_states)

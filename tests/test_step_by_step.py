@@ -264,3 +264,48 @@ def test_bad_settings_fail_before_compiling(digits_teacher, tmp_path, override, 
     with pytest.raises(ValueError, match=message):
         finetune("step_by_step", teacher, config, str(tmp_path / "x"))
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_a_converted_diffusers_teacher_is_widened_and_sliced_back():
+    """The diffusers port (``dpmjax convert`` teachers) has the same ``conv_out``: the method validates and its
+    init traces on it (shapes only), the widened port equals the teacher on the first C channels with a zero head,
+    and program.student returns teacher-shaped params that compute exactly those channels whatever the head holds."""
+    from dpmjax.methods import step_by_step
+    from tiny_configs import diffusers_teacher
+
+    teacher = diffusers_teacher()
+    config = _config(**SMALL)
+    step_by_step.validate(config, teacher)
+    program = step_by_step.build(config, teacher)
+    state = jax.eval_shape(program.init, program.frozen, jax.random.key(0))
+    widened = step_by_step.widen_output(teacher.params, 2)
+    assert jax.tree.map(jnp.shape, widened) == jax.tree.map(lambda s: s.shape, state.params)
+    x, t = _inputs(teacher)
+    wide_apply, narrow_apply = jax.jit(_student_apply(teacher, 2)), jax.jit(teacher.apply_fn())
+    wide = wide_apply(widened, x, t)
+    np.testing.assert_allclose(np.asarray(wide[..., :1]), np.asarray(narrow_apply(teacher.params, x, t)),
+                               rtol=1e-5, atol=1e-6)
+    assert float(jnp.max(jnp.abs(wide[..., 1:]))) == 0.0
+    params = _with_random_head(widened)
+    sliced = program.student(state.replace(params=params), False)
+    assert jax.tree.map(jnp.shape, sliced) == jax.tree.map(jnp.shape, teacher.params)
+    np.testing.assert_allclose(np.asarray(narrow_apply(sliced, x, t)), np.asarray(wide_apply(params, x, t)[..., :1]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_a_dit_teacher_is_refused_by_name():
+    """A DiT has no conv_out to widen: refused before anything is built, naming the kinds that work."""
+    import ml_collections
+
+    from dpmjax.methods import Teacher, step_by_step
+    from dpmjax.nn import build_model
+    from dpmjax.schedules import schedule_from_config
+    from tiny_configs import teacher_config
+
+    config = teacher_config()
+    with config.unlocked():
+        config.model = ml_collections.ConfigDict(dict(kind="dit", patch_size=2, hidden_size=32, depth=1, num_heads=2,
+                                                      freq_dim=32, bfloat16=False))
+    teacher = Teacher(build_model(config.model), None, schedule_from_config(config.schedule), config)
+    with pytest.raises(ValueError, match="diffusers_unet.*'dit'"):
+        step_by_step.validate(_config(**SMALL), teacher)

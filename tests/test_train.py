@@ -375,3 +375,26 @@ def test_a_run_compiles_its_step_once(tmp_path):
     train(tiny_unet_config(num_steps=3, log_every=1, checkpoint_every=3), str(tmp_path), quiet=True)
     step = next(value for key, value in reversed(loop._COMPILED.items()) if key[0] == "step")  # noqa: SLF001
     assert step.jitted._cache_size() == 1  # noqa: SLF001
+
+
+def test_optimizer_step_is_adamw_with_clipping_and_warmup_under_strict_promotion():
+    """``optim.optimizer_step`` (every update of training and of the methods) against AdamW written out: the
+    clipped gradient, bias-corrected moments, the warmup learning rate and decoupled weight decay, two steps."""
+    from dpmjax.train import optim
+
+    lr, warmup, wd, clip, b1, b2, eps = 0.1, 4, 0.01, 1.0, 0.9, 0.999, 1e-8
+    tx = optim.make_optimizer(learning_rate=lr, warmup_steps=warmup, total_steps=10, decay="constant",
+                              weight_decay=wd, b1=b1, b2=b2, grad_clip=clip)
+    params = {"w": jnp.array([1.0, -2.0, 0.5])}
+    grads = [{"w": jnp.array([3.0, 4.0, 0.0])}, {"w": jnp.array([0.1, -0.2, 0.3])}]
+    state = tx.init(params)
+    p, m, v = np.array([1.0, -2.0, 0.5]), np.zeros(3), np.zeros(3)
+    for count, g in enumerate(grads):
+        params, state = optim.optimizer_step(tx, g, state, params)  # strict promotion is on in these tests
+        g = np.asarray(g["w"], np.float64)
+        g = g * min(1.0, clip / np.linalg.norm(g))
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        m_hat, v_hat = m / (1 - b1 ** (count + 1)), v / (1 - b2 ** (count + 1))
+        rate = lr * count / warmup  # optax's linear warmup: the step count before this update
+        p = p - rate * (m_hat / (np.sqrt(v_hat) + eps) + wd * p)
+        np.testing.assert_allclose(np.asarray(params["w"]), p, rtol=1e-5, atol=1e-7)

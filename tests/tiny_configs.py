@@ -59,3 +59,24 @@ def teacher_config():
         config.optim.update(learning_rate=3e-3)
         config.train.update(num_steps=80, log_every=40, checkpoint_every=80, ema_decay=0.9)
     return config
+
+
+def diffusers_teacher(seed=0):
+    """A Teacher whose network is the diffusers port (``kind="diffusers_unet"``, as ``dpmjax convert`` writes it):
+    two levels of 16 / 32 channels and the mid block, no attention (compiles fast), seeded random weights, on
+    the 8x8 digits schedule (eps). For the methods' support of converted teachers; no training, no torch."""
+    import ml_collections
+
+    from dpmjax.methods import Teacher
+    from dpmjax.nn import build_model, init_params
+    from dpmjax.schedules import schedule_from_config
+
+    config = teacher_config()
+    with config.unlocked():
+        config.model = ml_collections.ConfigDict(dict(
+            kind="diffusers_unet", sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+            layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8, add_attention=False))
+    model = build_model(config.model)
+    return Teacher(model, init_params(model, config.data.image_shape, seed), schedule_from_config(config.schedule),
+                   config)

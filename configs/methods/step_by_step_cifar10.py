@@ -1,13 +1,13 @@
 """Distilling step-by-step at paper scale: a 1-step CIFAR-10 student with the teacher's trajectory as the
 auxiliary "rationale" (dpmjax/methods/step_by_step.py; needs a GPU / TPU).
 
-    dpmjax train --config configs/cifar10.py --workdir runs/cifar10                         # the teacher
-    dpmjax finetune --method step_by_step --teacher runs/cifar10 --workdir runs/cifar10_sbs \
+    dpmjax convert --from-diffusers /path/to/ddpm-cifar10-32 --out runs/ddpm_cifar10          # the teacher
+    dpmjax finetune --method step_by_step --teacher runs/ddpm_cifar10 --workdir runs/cifar10_sbs \
         --config configs/methods/step_by_step_cifar10.py:pairs=50000                 # :aux=false for the ablation
 
-The auxiliary head widens the teacher UNet's output convolution, so the teacher must be a dpmjax UNet: the
-converted google/ddpm-cifar10-32 (the diffusers port) is refused by the method until the port exposes the
-same layer. Knowledge distillation in the style of Luhman & Luhman (2021): pairs (x_T, the teacher's 20-NFE
+The auxiliary head widens the teacher UNet's output convolution ``conv_out`` (the converted
+google/ddpm-cifar10-32 or a dpmjax UNet, e.g. ``dpmjax train --config configs/cifar10.py``). Knowledge
+distillation in the style of Luhman & Luhman (2021): pairs (x_T, the teacher's 20-NFE
 DPM-Solver++ output and K = 3 states of its trajectory) made once by the teacher, then regression of the one-step student on
 them (alpha = 0.5 between the output and the rationale, as Distilling step-by-step's task weighting). The
 teacher makes the pairs inside the jitted init (50,000 pairs x 20 UNet calls: minutes on an accelerator);

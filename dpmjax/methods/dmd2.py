@@ -21,7 +21,8 @@ from the teacher too, that keeps learning the generator's own distribution. Per 
     L_D    = E softplus(D(fake_t')) + E softplus(-D(real_t'))                 ("diffusion GAN": both noised)
     L_C    = L_fake + gan_weight L_D
   D = a small head (Conv3x3 -> GN -> SiLU -> mean over space -> Dense 1) on the fake score UNet's bottleneck
-  (the middle block), so L_D also trains the fake score network's encoder, as the official ``cls_pred_branch``.
+  (the middle block; dpmjax's UNet or the converted diffusers UNet2DModel), so L_D also trains the fake score
+  network's encoder, as the official ``cls_pred_branch``.
 
 Backward simulation (Sec. 4.3, the multi-step generator, timesteps t_0 > ... > t_{k-1} of the sampling grid):
 pick s ~ U{0..k-1} (one per update, as the official code shares it across GPUs), run the current generator s
@@ -68,7 +69,7 @@ from dpmjax.nn.layers import group_norm
 from dpmjax.parameterization import expand_like, to_x0
 from dpmjax.schedules import DiscreteVP, SPACINGS, time_grid
 from dpmjax.train.losses import diffuse, sample_times, target_for
-from dpmjax.train.optim import make_optimizer
+from dpmjax.train.optim import make_optimizer, optimizer_step
 from dpmjax.train.state import ema_update
 
 __all__ = ["METHOD", "DMD2State", "GANHead", "build", "validate", "generator_grid", "backward_simulation",
@@ -81,6 +82,8 @@ METHOD_DEFAULTS = dict(num_steps_gen=1, spacing="trailing", ttur=5, gan=True, ga
 METRIC_NAMES = ("loss_dm", "loss_gan_g", "generator_grad_norm", "loss_fake", "loss_gan_d", "critic_grad_norm",
                 "d_real_logit", "d_fake_logit", "generator_updated")
 _GENERATOR_SCALARS = ("loss_dm", "loss_gan_g", "generator_grad_norm")
+# networks whose __call__ takes return_bottleneck=True: dpmjax's UNet and the diffusers port (`dpmjax convert`)
+BOTTLENECK_MODELS = ("UNet", "DiffusersUNet2D")
 
 
 @struct.dataclass
@@ -223,9 +226,9 @@ def validate(config, teacher: Teacher) -> None:
     if teacher.num_classes is not None:
         raise ValueError("dmd2 here distils unconditional teachers only; this teacher is class-conditional "
                          f"(model.num_classes={teacher.num_classes})")
-    if s["gan"] and type(teacher.model).__name__ != "UNet":
-        raise ValueError(f"config.method.gan=True puts the GAN head on a UNet's bottleneck; the teacher is a "
-                         f"{type(teacher.model).__name__}: set config.method.gan=False")
+    if s["gan"] and type(teacher.model).__name__ not in BOTTLENECK_MODELS:
+        raise ValueError(f"config.method.gan=True puts the GAN head on a UNet's bottleneck ({BOTTLENECK_MODELS}); "
+                         f"the teacher is a {type(teacher.model).__name__}: set config.method.gan=False")
     try:
         grid = generator_grid(teacher.schedule, s["num_steps_gen"], s["spacing"])
     except ValueError as err:
@@ -337,9 +340,7 @@ def build(config, teacher: Teacher) -> Program:
             grad_fn = jax.value_and_grad(generator_objective, has_aux=True)
             (_, (x, loss_dm, loss_gan)), grads = grad_fn(state.generator, state.critic, teacher_vars, x_in, t_in,
                                                          k_gen)
-            with jax.numpy_dtype_promotion("standard"):  # optax's bias correction: float ** int32 step count
-                updates, opt = tx.update(grads, state.generator_opt, state.generator)
-            params = optax.apply_updates(state.generator, updates)
+            params, opt = optimizer_step(tx, grads, state.generator_opt, state.generator)
             scalars = {"loss_dm": loss_dm.astype(jnp.float32), "loss_gan_g": loss_gan.astype(jnp.float32),
                        "generator_grad_norm": optax.tree.norm(grads).astype(jnp.float32)}
             return params, opt, ema_update(state.generator_ema, params, ema_decay), jax.lax.stop_gradient(x), scalars
@@ -353,9 +354,7 @@ def build(config, teacher: Teacher) -> Program:
         real = batch["image"] if use_gan else None
         grad_fn = jax.value_and_grad(critic_objective, has_aux=True)
         (_, (loss_fake, loss_d, logit_real, logit_fake)), grads = grad_fn(state.critic, fake, real, k_critic)
-        with jax.numpy_dtype_promotion("standard"):  # as above
-            updates, critic_opt = tx.update(grads, state.critic_opt, state.critic)
-        critic = optax.apply_updates(state.critic, updates)
+        critic, critic_opt = optimizer_step(tx, grads, state.critic_opt, state.critic)
         new = DMD2State(step=state.step + 1, generator=generator, generator_ema=generator_ema,
                         generator_opt=generator_opt, critic=critic, critic_opt=critic_opt,
                         generator_scalars=gen_scalars)

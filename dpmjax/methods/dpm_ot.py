@@ -62,6 +62,7 @@ import optax
 from flax import struct
 
 from dpmjax.methods.base import Method, Program, Teacher
+from dpmjax.train.optim import optimizer_step
 
 __all__ = ["METHOD", "OTState", "ot_scores", "ot_assign", "ot_map", "cell_masses", "monte_carlo_cell_masses",
            "ot_optimizer", "ot_step", "fit_heights", "resolve_t_k", "make_targets", "sample", "make_sampler",
@@ -134,9 +135,7 @@ def ot_step(heights, opt_state, targets, key, *, optimizer, mc_batch: int, mc_ba
     n = targets.shape[0]
     masses = monte_carlo_cell_masses(key, targets, heights, mc_batch=mc_batch, mc_batches=mc_batches)
     grad = masses - 1.0 / n
-    with jax.numpy_dtype_promotion("standard"):  # optax's bias correction: float ** int32 step count
-        updates, opt_state = optimizer.update(grad, opt_state, heights)
-    heights = optax.apply_updates(heights, updates)
+    heights, opt_state = optimizer_step(optimizer, grad, opt_state, heights)
     heights = heights - jnp.mean(heights)
     scalars = {"grad_norm": jnp.linalg.norm(grad), "empty_cells": jnp.mean((masses == 0).astype(jnp.float32)),
                "max_mass_ratio": n * jnp.max(masses)}

@@ -158,9 +158,7 @@ def build(config, teacher: Teacher) -> Program:
             return mmd2_unbiased(features_real / scale, net.apply(frozen["features"], fake) / scale, kernel)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        with jax.numpy_dtype_promotion("standard"):  # optax mixes int step counts with floats
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state = optim.optimizer_step(tx, grads, state.opt_state, state.params)
         ema = ema_update(state.ema_params, params, ema_decay_at(state.step, ema_decay))
         return MMDState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), {
             "mmd2": loss, "grad_norm": optax.tree.norm(grads)}

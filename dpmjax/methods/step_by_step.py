@@ -23,7 +23,8 @@ Two papers combined (docs: /work/shared/reference/finetune-methods.md, section 1
   ``rationale="denoised"`` replaces each state by the teacher's x0-prediction there,
   x0_teacher(x_{t_{j_k + 1}}, t_{j_k + 1}) (K more teacher calls per pair): a clean image instead of a noisy one.
 
-The student network is the teacher's UNet with ``out_channels = C (1 + K)``: channels [:C] are the main output, in
+The student network is the teacher's UNet (dpmjax's, or the converted diffusers UNet2DModel) with
+``out_channels = C (1 + K)``: channels [:C] are the main output, in
 the *teacher's* parameterization (eps / x0 / v: so the student starts as the teacher), converted to x0 as every
 sampler does; channels [C + k C : C + (k + 1) C] are the raw prediction R_k of rationale state k. The widened
 ``conv_out`` is the teacher's for the first C channels and zero for the head (a zero head outputs 0 at init and
@@ -78,6 +79,8 @@ DEFAULTS = dict(num_pairs=2000, pair_seed=0, teacher_solver="dpmpp_2m", teacher_
                 rationale="states", generate_batch=250)
 RATIONALES = ("states", "denoised")
 STUDENT_SOLVER = "renoise"  # the sampler the output workdir's sample section names
+# model kinds with a final ``conv_out`` of ``out_channels`` outputs: dpmjax's UNet and the diffusers port
+WIDENABLE_KINDS = ("unet", "diffusers_unet")
 
 
 @struct.dataclass
@@ -172,9 +175,9 @@ def validate(config, teacher: Teacher) -> None:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < float(alpha) <= 1.0:
             raise ValueError(f"config.method.alpha must be a number in (0, 1] (the weight of the main loss), "
                              f"got {alpha!r}")
-    if teacher.config.model.get("kind") != "unet":
-        raise ValueError(f"step_by_step widens a UNet's conv_out; the teacher's model is "
-                         f"{teacher.config.model.get('kind')!r}")
+    if teacher.config.model.get("kind") not in WIDENABLE_KINDS:
+        raise ValueError(f"step_by_step widens a UNet's conv_out (model kinds {WIDENABLE_KINDS}); the teacher's "
+                         f"model is {teacher.config.model.get('kind')!r}")
     if teacher.num_classes is not None:
         raise ValueError("step_by_step distils unconditional teachers; this one is class-conditional "
                          f"(num_classes={teacher.num_classes})")
@@ -315,9 +318,7 @@ def build(config, teacher: Teacher) -> Program:
                                      alpha=alpha)
 
         (loss, (main, side)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        with jax.numpy_dtype_promotion("standard"):  # optax mixes int step counts with floats
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state = optim.optimizer_step(tx, grads, state.opt_state, state.params)
         ema = ema_update(state.ema_params, params, ema_decay_at(state.step, ema_decay))
         new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
         return new, {"loss": loss, "main_mse": main, "rationale_mse": side, "grad_norm": optax.tree.norm(grads)}

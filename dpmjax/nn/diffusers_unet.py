@@ -279,13 +279,18 @@ def _strip_unetres(name: str) -> str:
 
 
 class DiffusersUNet2D(nn.Module):
-    """diffusers' ``UNet2DModel``; ``__call__(x [B, H, W, C], t [B], y=None, context=None, train=False)``.
+    """diffusers' ``UNet2DModel``; ``__call__(x [B, H, W, C], t [B], y=None, context=None, train=False,
+    return_bottleneck=False)``.
 
     Takes dpmjax's generative-network signature. ``t`` is the float timestep on the ~[0, 1000] scale that
     ``dpmjax.nn.network_time`` gives (1000 (t - 1/N) for a ``DiscreteVP``); the embedding sees
     ``timestep_scale * t``, which the converter sets to N / 1000 so that diffusers' integer timestep
     k = N t - 1 goes in (identity for N = 1000). H and W must be multiples of 2^(levels - 1). Build it with
     ``from_config``; the fields are diffusers' config keys (see ``UNET2D_DEFAULTS``) plus dtypes.
+
+    ``return_bottleneck=True`` (no parameters change) also returns the mid block's output
+    [B, H / 2^(L-1), W / 2^(L-1), block_out_channels[-1]] (the last down block's output when there is no mid
+    block), as dpmjax's own ``UNet`` does: DMD2's GAN head reads it.
     """
 
     sample_size: Any = None
@@ -328,7 +333,7 @@ class DiffusersUNet2D(nn.Module):
         return cls(**normalize_config(config), **overrides)
 
     @nn.compact
-    def __call__(self, x, t, y=None, context=None, train: bool = False):
+    def __call__(self, x, t, y=None, context=None, train: bool = False, return_bottleneck: bool = False):
         self._check(x, t, y, context)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         batch = x.shape[0]
@@ -362,6 +367,7 @@ class DiffusersUNet2D(nn.Module):
             h = _MidBlock(channels[-1], self.attention_head_dim or channels[-1], groups, attn_groups, eps,
                           self.act_fn, self.resnet_time_scale_shift, self.add_attention,
                           self.mid_block_scale_factor, self.dropout, name="mid_block", **kw)(h, emb, train)
+        bottleneck = h
 
         for i, block_type in enumerate(self.up_block_types):
             out = channels[levels - 1 - i]
@@ -374,6 +380,8 @@ class DiffusersUNet2D(nn.Module):
 
         h = nn.silu(_group_norm(groups, eps, self.dtype, self.param_dtype, "conv_norm_out")(h))
         h = nn.Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), name="conv_out", **kw)(h)
+        if return_bottleneck:
+            return h.astype(x.dtype), bottleneck
         return h.astype(x.dtype)
 
     def _check(self, x, t, y, context):

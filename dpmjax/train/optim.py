@@ -1,4 +1,5 @@
-"""optax AdamW with linear warmup (then constant or cosine decay) and global-norm gradient clipping."""
+"""optax AdamW with linear warmup (then constant or cosine decay) and global-norm gradient clipping, and the one
+optimizer step every training and finetuning update takes."""
 from __future__ import annotations
 
 import optax
@@ -25,3 +26,16 @@ def make_optimizer(*, learning_rate: float, warmup_steps: int = 0, total_steps: 
     parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
     parts.append(optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
     return optax.chain(*parts)
+
+
+def optimizer_step(tx: optax.GradientTransformation, grads, opt_state, params):
+    """(new params, new optimizer state): ``params + tx.update(grads)``, the step every update of dpmjax takes.
+
+    Under standard dtype promotion: optax's bias correction raises a float to the int32 step count, which the
+    project's strict promotion (``jax_numpy_dtype_promotion="strict"`` in tests) would refuse.
+    """
+    import jax
+
+    with jax.numpy_dtype_promotion("standard"):
+        updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state

@@ -21,6 +21,7 @@ from flax import struct
 
 from dpmjax.sharding import data_sharding, replicated
 from dpmjax.train import losses
+from dpmjax.train.optim import optimizer_step
 from dpmjax.train.state import TrainState, ema_decay_at, ema_update
 
 
@@ -98,9 +99,7 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, schedu
                                          min_snr_gamma=min_snr_gamma)
 
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        with jax.numpy_dtype_promotion("standard"):  # optax mixes int step counts with floats
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state = optimizer_step(tx, grads, state.opt_state, state.params)
         ema = ema_update(state.ema_params, params, ema_decay_at(state.step, ema_decay))
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
         grad_norm = optax.tree.norm(grads)

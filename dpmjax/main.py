@@ -826,7 +826,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_error_types():
     """Errors that report a user mistake or a failed check (one line, exit 2), not a bug in dpmjax."""
     types_ = [ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError]
-    for module, name in (("dpmjax.train.checkpoint", "CheckpointError"), ("dpmjax.samplers.driver", "SamplingError")):
+    for module, name in (("dpmjax.train.checkpoint", "CheckpointError"), ("dpmjax.samplers.driver", "SamplingError"),
+                         ("dpmjax.train.loop", "StepFailedError")):
         cls = getattr(sys.modules.get(module), name, None)  # only raised once its module was imported
         if cls is not None:
             types_.append(cls)

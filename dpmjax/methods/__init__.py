@@ -21,6 +21,8 @@ METHOD_MODULES = {
     "dpm_ot": "dpmjax.methods.dpm_ot",
     "dmd2": "dpmjax.methods.dmd2",
     "step_by_step": "dpmjax.methods.step_by_step",
+    "prdp": "dpmjax.methods.prdp",
+    "ddpo": "dpmjax.methods.ddpo",
 }
 METHODS = tuple(METHOD_MODULES)
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["Reward", "RewardError", "host_reward", "jpeg_compressibility", "jpeg_incompressibility",
-           "classifier_reward", "sum_rewards", "validate_reward", "to_uint8"]
+           "classifier_reward", "sum_rewards", "validate_reward", "to_uint8", "reward_from_spec", "REWARD_NAMES"]
 
 
 class RewardError(ValueError):
@@ -160,3 +160,56 @@ def validate_reward(reward: Reward, image_shape, num_classes: int | None = None,
         raise RewardError(f"reward {reward.name!r} failed on a probe batch of shape {probe.shape}: "
                           f"{type(err).__name__}: {err}") from err
     _check_values(reward.name, values, batch)
+
+
+REWARD_NAMES = ("jpeg_compressibility", "jpeg_incompressibility", "classifier:DATASET[:TARGET|label][:prob]")
+
+
+def reward_from_spec(spec: str, *, image_shape=None) -> Reward:
+    """A reward from a config string: terms joined by ``+``, each ``[WEIGHT*]NAME`` with NAME one of
+    ``REWARD_NAMES``, e.g. ``"jpeg_incompressibility"``, ``"classifier:digits:3"`` (log p(3 | x) of the cached
+    seed-0 digits classifier), ``"classifier:digits:label"`` (each sample's own class),
+    ``"0.5*classifier:digits:label + 0.1*jpeg_compressibility"``. ``image_shape`` (if given) must be the
+    classifier dataset's."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"reward must be a non-empty string of {REWARD_NAMES}, got {spec!r}")
+    terms = []
+    for term in spec.split("+"):
+        weight_text, _, name = term.strip().rpartition("*")
+        try:
+            weight = float(weight_text) if weight_text else 1.0
+        except ValueError:
+            raise ValueError(f"reward term {term.strip()!r}: the weight {weight_text!r} is not a number") from None
+        terms.append((_single_reward(name.strip(), image_shape), weight))
+    return terms[0][0] if len(terms) == 1 and terms[0][1] == 1.0 else sum_rewards(terms)
+
+
+def _single_reward(name: str, image_shape) -> Reward:
+    if name == "jpeg_compressibility":
+        return jpeg_compressibility()
+    if name == "jpeg_incompressibility":
+        return jpeg_incompressibility()
+    parts = name.split(":")
+    if parts[0] == "classifier" and 2 <= len(parts) <= 4:
+        from dpmjax.metrics.domain import CONFIGS, domain_metric
+
+        dataset, rest = parts[1], parts[2:]
+        kind = "prob" if rest and rest[-1] == "prob" else "log_prob"
+        rest = rest[:-1] if kind == "prob" else rest
+        if dataset not in CONFIGS:
+            raise ValueError(f"reward {name!r}: classifier datasets are {tuple(CONFIGS)}, got {dataset!r}")
+        target = None
+        if rest and rest[0] != "label":
+            if not rest[0].isdigit():
+                raise ValueError(f"reward {name!r}: the target must be a class number or 'label', got {rest[0]!r}")
+            target = int(rest[0])
+        metric = domain_metric(dataset)
+        if image_shape is not None:
+            from dpmjax.data import get_dataset
+
+            expected = tuple(get_dataset(dataset, "test").image_shape)
+            if tuple(image_shape) != expected:
+                raise ValueError(f"reward {name!r}: the {dataset} classifier reads images of shape {expected}, the "
+                                 f"model makes {tuple(image_shape)}")
+        return classifier_reward(metric, target, kind=kind)
+    raise ValueError(f"unknown reward {name!r}; choose from {REWARD_NAMES}")

@@ -290,6 +290,17 @@ def resume_or_init(workdir, config, previous, mngr, latest, abstract, shardings,
     return state, start, writer
 
 
+class StepFailedError(RuntimeError):
+    """A step raised at run time (e.g. a black-box reward's host code inside it); the checkpoints stay."""
+
+
+def _failed_at_run_time(err) -> bool:
+    """Whether ``err`` came from executing a compiled step (XLA's status, e.g. a host callback that raised:
+    a JaxRuntimeError, or a ValueError with XLA's "INTERNAL:" status when jit re-raises it) rather than from
+    tracing it (a ValueError of user code, which propagates unchanged)."""
+    return isinstance(err, jax.errors.JaxRuntimeError) or str(err).startswith("INTERNAL:")
+
+
 def run_steps(config, state, step_fn, batches, mngr, writer, start, stop_after, quiet, init_metrics=None):
     """The step loop of ``train`` and of ``dpmjax.methods.loop.finetune``: steps, logs, the non-finite stop,
     checkpoints and signal saves.
@@ -314,14 +325,21 @@ def run_steps(config, state, step_fn, batches, mngr, writer, start, stop_after, 
 
     with _StopRequests() as stop_requests:
         for step in bar:
-            state, metrics = step_fn(state, next(batches), metrics)
             done = step + 1
             log_now = done % t.log_every == 0 or done == end
             save_now = done % t.checkpoint_every == 0 or done == end
-            stopping = stop_requests.requested(sync_point=log_now or save_now)
-            if not (log_now or save_now or stopping):
-                continue
-            host = jax.device_get(metrics)  # the only host sync: a few scalars, at log / checkpoint steps
+            try:  # host code inside the step (a black-box reward's callback) fails at the next sync
+                state, metrics = step_fn(state, next(batches), metrics)
+                stopping = stop_requests.requested(sync_point=log_now or save_now)
+                if not (log_now or save_now or stopping):
+                    continue
+                host = jax.device_get(metrics)  # the only host sync: a few scalars, at log / checkpoint steps
+            except (jax.errors.JaxRuntimeError, ValueError) as err:
+                if not _failed_at_run_time(err):
+                    raise
+                reason = str(err).strip().splitlines()[-1]  # the exception's own line, not XLA's traceback
+                raise StepFailedError(f"the step failed between step {logged_at + 1} and step {done}: {reason}; "
+                                      f"{last_finite()}") from err
             if not bool(host.finite):
                 raise FloatingPointError(
                     f"training diverged: the loss, gradient norm or state became NaN or inf at step "

@@ -30,8 +30,9 @@ OVERRIDES = {
 }
 
 
-def teacher_workdir(dataset: str = "digits", *, name: str | None = None, overrides=None, quiet: bool = True) -> str:
-    """The workdir of the ``dataset`` teacher (``configs/<dataset>.py`` plus ``overrides``, default
+def teacher_workdir(dataset: str = "digits", *, variant: str = "", name: str | None = None, overrides=None,
+                    quiet: bool = True) -> str:
+    """The workdir of the ``dataset`` teacher (``configs/<dataset>.py[:variant]`` plus ``overrides``, default
     ``OVERRIDES[dataset]``), trained now if it has no final checkpoint."""
     from dpmjax.config import configs_dir, load_config
     from dpmjax.train.loop import train
@@ -40,9 +41,10 @@ def teacher_workdir(dataset: str = "digits", *, name: str | None = None, overrid
     import hashlib
 
     overrides = OVERRIDES.get(dataset, []) if overrides is None else overrides
-    config = load_config(os.path.join(configs_dir(), f"{dataset}.py"), list(overrides))
+    path = os.path.join(configs_dir(), f"{dataset}.py") + (f":{variant}" if variant else "")
+    config = load_config(path, list(overrides))
     tag = hashlib.sha256(config.to_json().encode()).hexdigest()[:8]  # an edited config trains a new teacher
-    workdir = os.path.join(TEACHERS, f"{name or dataset}-{tag}")
+    workdir = os.path.join(TEACHERS, f"{name or dataset + (f'_{variant}' if variant else '')}-{tag}")
     os.makedirs(TEACHERS, exist_ok=True)
     with open(workdir + ".lock", "w") as lock:  # experiments started side by side train one teacher, once
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -1,14 +1,15 @@
 """PRDP vs DDPO vs REINFORCE at CPU scale: reward finetuning of a class-conditional digits teacher for a
 black-box reward (default: DDPO's JPEG incompressibility, the file size in kB of each sample saved as a JPEG).
 
-    python experiments/prdp.py                                  # the three methods, 200 updates each
-    python experiments/prdp.py --only prdp --updates 40         # a probe
+    python experiments/prdp.py                                  # the three methods, 50 epochs each
+    python experiments/prdp.py --only prdp --epochs 10          # a probe
     python experiments/prdp.py --groups 2 --out results/prdp/groups2      # fewer "prompts" per epoch
     python experiments/prdp.py --reward classifier:digits:label --out results/prdp/label   # saturated: see below
 
 Teacher: ``configs/digits.py:cond`` (``_teachers.teacher_workdir("digits", variant="cond")``). Each run is
 ``dpmjax.methods.finetune`` with ``configs/methods/{prdp,ddpo}.py`` (G classes x n samples per epoch, the
-10-step DDPM policy; the same reward-query budget for every method: G n queries per epoch). Scored on 500
+10-step DDPM policy; the same reward-query budget for every method: ``--epochs`` epochs of G n queries, which
+is 4 updates per epoch for PRDP and DDPO and 1 for REINFORCE). Scored on 500
 fresh samples (50 per class, the policy's own sampler, fixed noise) per model:
 
   reward           the mean reward of those samples;
@@ -41,6 +42,7 @@ RUNS = {  # name -> (method, config variant)
 
 
 def _config(method, variant, args):
+    """The run's config: ``--epochs`` epochs of the method's own ``updates_per_epoch``."""
     from dpmjax.config import configs_dir, load_config
 
     path = os.path.join(configs_dir(), "methods", f"{method}.py")
@@ -50,7 +52,8 @@ def _config(method, variant, args):
         if method == "prdp":
             config.method.update(beta=args.beta, clip_range=args.clip)
         config.data.batch_size = args.groups * args.group_size
-        config.train.update(num_steps=args.updates, log_every=1, checkpoint_every=args.updates)
+        updates = args.epochs * int(config.method.updates_per_epoch)
+        config.train.update(num_steps=updates, log_every=1, checkpoint_every=updates)
         config.optim.learning_rate = args.lr
     return config
 
@@ -93,7 +96,7 @@ def score(params, teacher, sampler, reward, metric, real, num=500):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(RUNS), help=f"runs (of {list(RUNS)})")
-    parser.add_argument("--updates", type=int, default=200, help="updates per run (PRDP / DDPO: K = 4 per epoch)")
+    parser.add_argument("--epochs", type=int, default=50, help="epochs per run (G n reward queries each)")
     parser.add_argument("--groups", type=int, default=8, help="classes (prompts) per epoch")
     parser.add_argument("--group-size", type=int, default=8, help="samples per class per epoch")
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -126,7 +129,7 @@ def main():
     for name in names:
         method, variant = RUNS[name]
         config = _config(method, variant, args)
-        workdir = os.path.join(args.out, "runs", f"{name}_g{args.groups}_n{args.group_size}_u{args.updates}")
+        workdir = os.path.join(args.out, "runs", f"{name}_g{args.groups}_n{args.group_size}_e{args.epochs}")
         start = time.perf_counter()
         finetune(method, teacher, config, workdir, num_devices=1, quiet=True)
         seconds = time.perf_counter() - start
@@ -139,8 +142,7 @@ def main():
                            "reward_mean": round(m["reward_mean"], 4), "loss": round(m["loss"], 6)})
         _, params, _, _ = load_params(workdir)
         scores, images = score(params, teacher, sampler, reward, metric, real)
-        rows.append({"run": name, "updates": args.updates,
-                     "reward_queries": (args.updates - 1) // per_epoch * queries + queries,
+        rows.append({"run": name, "updates": int(config.train.num_steps), "reward_queries": args.epochs * queries,
                      "seconds": round(seconds), **scores})
         image_grid(images[::5][:100], os.path.join(args.out, f"samples_{name}.png"))
         print(rows[-1], flush=True)

@@ -95,7 +95,7 @@ def make_method(name: str, doc: str, objective_defaults: dict, check_objective: 
         _int_at_least(m["group_size"], "group_size", 2)  # pairs within a group / a group baseline
         _int_at_least(m["steps"], "steps", 1)
         _int_at_least(m["updates_per_epoch"], "updates_per_epoch", 1)
-        policy.check_policy([1.0, 0.5], m["eta"])
+        policy.check_eta(m["eta"])
         if m["spacing"] not in SPACINGS:
             raise ValueError(f"config.method.spacing must be one of {SPACINGS}, got {m['spacing']!r}")
         check_objective(m)

@@ -32,7 +32,7 @@ from dpmjax.parameterization import coefficient_dtype
 from dpmjax.samplers.base import at_time, combine
 from dpmjax.samplers.driver import make_evaluate
 
-__all__ = ["Trajectory", "check_policy", "step_distribution", "gaussian_log_prob", "sample_trajectory",
+__all__ = ["Trajectory", "check_eta", "check_policy", "step_distribution", "gaussian_log_prob", "sample_trajectory",
            "trajectory_log_probs"]
 
 
@@ -43,13 +43,18 @@ class Trajectory(NamedTuple):
     log_probs: jax.Array  # [T, B]: log pi(x_{t_{i+1}} | x_{t_i}) under the params that sampled them
 
 
-def check_policy(times, eta) -> None:
-    """Raise ``ValueError`` unless ``eta`` is in (0, 1] and ``times`` a strictly decreasing grid of >= 2 points
-    (host-side: call it before compiling)."""
+def check_eta(eta) -> None:
+    """Raise ``ValueError`` unless ``eta`` is in (0, 1] (host-side)."""
     if isinstance(eta, bool) or not isinstance(eta, (int, float, np.integer, np.floating)) \
             or not 0.0 < float(eta) <= 1.0:
         raise ValueError(f"eta must be a number in (0, 1] (eta = 0 is deterministic: no policy to take "
                          f"log-probabilities of), got {eta!r}")
+
+
+def check_policy(times, eta) -> None:
+    """Raise ``ValueError`` unless ``eta`` is in (0, 1] and ``times`` a strictly decreasing grid of >= 2 points
+    (host-side: call it before compiling)."""
+    check_eta(eta)
     grid = np.asarray(times, np.float64)
     if grid.ndim != 1 or grid.size < 2 or not np.all(np.diff(grid) < 0):
         raise ValueError(f"times must be a strictly decreasing 1-D grid of at least 2 points, got {grid}")

@@ -23,6 +23,7 @@ METHOD_MODULES = {
     "step_by_step": "dpmjax.methods.step_by_step",
     "prdp": "dpmjax.methods.prdp",
     "ddpo": "dpmjax.methods.ddpo",
+    "adjoint_reward": "dpmjax.methods.adjoint_reward",
 }
 METHODS = tuple(METHOD_MODULES)
 

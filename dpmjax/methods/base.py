@@ -22,8 +22,9 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+from flax import struct
 
-__all__ = ["Teacher", "Program", "Method", "abstract_teacher", "teacher_section"]
+__all__ = ["Teacher", "Program", "Method", "StudentState", "abstract_teacher", "teacher_section", "method_settings"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,22 @@ class Teacher:
         from dpmjax.nn import make_apply_fn
 
         return make_apply_fn(self.model, self.schedule)
+
+
+@struct.dataclass
+class StudentState:
+    """The state of a method that trains one network: its params, their EMA and the optimizer's state."""
+
+    step: jax.Array      # [] int32: updates done (the EMA warm-up)
+    params: Any          # the network being finetuned
+    ema_params: Any      # its EMA (``train.ema_decay``; 0 keeps the latest params)
+    opt_state: Any
+
+
+def method_settings(config, defaults: dict) -> dict:
+    """``defaults`` updated by the config's ``method`` section (all of it but ``name``)."""
+    given = config.method.to_dict() if hasattr(config.method, "to_dict") else dict(config.method)
+    return {**defaults, **{k: v for k, v in given.items() if k != "name"}}
 
 
 def teacher_section(teacher: Teacher) -> dict:

@@ -40,9 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
 
-from dpmjax.methods.base import Method, Program, Teacher
+from dpmjax.methods.base import Method, Program, StudentState, Teacher, method_settings
 from dpmjax.metrics.features import check_input_range, feature_network, parse_spec
 from dpmjax.metrics.mmd import KERNELS, kernel_fn, mmd2_unbiased
 from dpmjax.samplers import SOLVERS
@@ -55,20 +54,11 @@ __all__ = ["METHOD", "MMDState", "build", "validate", "mmd_loss", "sampler_times
 DEFAULTS = dict(steps=4, solver="ddim", spacing="time_uniform", solver_options={}, features="classifier:digits:1",
                 kernel="polynomial", kernel_options={}, remat=True, normalize_features=True)
 
-
-@struct.dataclass
-class MMDState:
-    step: jax.Array      # [] int32: updates done (the EMA warm-up)
-    params: object       # the network being finetuned
-    ema_params: object   # its EMA (``train.ema_decay``; 0 keeps the latest params)
-    opt_state: object
+MMDState = StudentState  # params, EMA and optimizer state of the finetuned network
 
 
 def _settings(config) -> dict:
-    method = dict(DEFAULTS)
-    given = config.method.to_dict() if hasattr(config.method, "to_dict") else dict(config.method)
-    method.update({k: v for k, v in given.items() if k != "name"})
-    return method
+    return method_settings(config, DEFAULTS)
 
 
 def sampler_timesteps(config, teacher: Teacher) -> np.ndarray:

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from dpmjax.methods.base import Method, Program, Teacher
+from dpmjax.methods.base import Method, Program, Teacher, method_settings
 from dpmjax.metrics.rewards import reward_from_spec, validate_reward
 from dpmjax.samplers import policy
 from dpmjax.samplers.driver import plan
@@ -57,16 +57,9 @@ class OnlineState:
     rewards: jax.Array       # [G, n]
 
 
-def _settings(config, defaults) -> dict:
-    method = dict(defaults)
-    given = config.method.to_dict() if hasattr(config.method, "to_dict") else dict(config.method)
-    method.update({k: v for k, v in given.items() if k != "name"})
-    return method
-
-
 def policy_timesteps(config, teacher: Teacher, defaults=COMMON_DEFAULTS) -> np.ndarray:
     """The policy's grid t_0 > ... > t_T (float64): the ``ddim`` plan of T steps on ``spacing``."""
-    m = _settings(config, defaults)
+    m = method_settings(config, defaults)
     return np.asarray(plan(teacher.schedule, "ddim", nfe=int(m["steps"]), spacing=m["spacing"],
                            eta=float(m["eta"])).grid["t"], np.float64)
 
@@ -87,7 +80,7 @@ def make_method(name: str, doc: str, objective_defaults: dict, check_objective: 
     defaults = dict(COMMON_DEFAULTS, **objective_defaults)
 
     def validate(config, teacher: Teacher) -> None:
-        m = _settings(config, defaults)
+        m = method_settings(config, defaults)
         unknown = sorted(set(m) - set(defaults))
         if unknown:
             raise ValueError(f"config.method: unknown {name} settings {unknown}; known: {sorted(defaults)}")
@@ -110,7 +103,7 @@ def make_method(name: str, doc: str, objective_defaults: dict, check_objective: 
         validate_reward(reward, teacher.image_shape, teacher.num_classes)  # a probe batch, before any compile
 
     def build(config, teacher: Teacher) -> Program:
-        m = _settings(config, defaults)
+        m = method_settings(config, defaults)
         groups, size, steps_t = int(m["groups"]), int(m["group_size"]), int(m["steps"])
         updates_per_epoch, eta = int(m["updates_per_epoch"]), float(m["eta"])
         batch = groups * size

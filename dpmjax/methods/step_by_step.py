@@ -61,7 +61,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from dpmjax.methods.base import Method, Program, Teacher
+from dpmjax.methods.base import Method, Program, Teacher, method_settings
 from dpmjax.nn import build_model, make_apply_fn
 from dpmjax.parameterization import to_x0
 from dpmjax.samplers import SOLVERS
@@ -94,10 +94,7 @@ class StepByStepState:
 
 
 def _settings(config) -> dict:
-    method = dict(DEFAULTS)
-    given = config.method.to_dict() if hasattr(config.method, "to_dict") else dict(config.method)
-    method.update({k: v for k, v in given.items() if k != "name"})
-    return method
+    return method_settings(config, DEFAULTS)
 
 
 def _num_states(m: dict) -> int:

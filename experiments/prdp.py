@@ -1,27 +1,47 @@
-"""PRDP vs DDPO vs REINFORCE at CPU scale: reward finetuning of a class-conditional digits teacher for a
-black-box reward (default: DDPO's JPEG incompressibility, the file size in kB of each sample saved as a JPEG).
+"""Reward finetuning at CPU scale: PRDP vs DDPO vs REINFORCE (black-box reward, online) and AdjointDPM
+(gradients through the sampler) at an equal budget of reward queries, on 8x8 digits.
 
-    python experiments/prdp.py                                  # the three methods, 50 epochs each
-    python experiments/prdp.py --only prdp --epochs 10          # a probe
-    python experiments/prdp.py --groups 2 --out results/prdp/groups2      # fewer "prompts" per epoch
-    python experiments/prdp.py --reward classifier:digits:label --out results/prdp/label   # saturated: see below
+    python experiments/prdp.py                                   # task "three": the four methods, 3200 queries
+    python experiments/prdp.py --task ink --classes 2 --only prdp,ddpo --queries 1280 --out results/prdp/ink_c2
+    python experiments/prdp.py --task ink --classes 10 --only prdp,ddpo --queries 1280 --out results/prdp/ink_c10
+    python experiments/prdp.py --task next --classes 2 --only prdp,ddpo --queries 1280 --out results/prdp/next_c2
+    python experiments/prdp.py --task jpeg --queries 240 --lr 1e-4 --beta 0.01       # the first probe's setting
 
-Teacher: ``configs/digits.py:cond`` (``_teachers.teacher_workdir("digits", variant="cond")``). Each run is
-``dpmjax.methods.finetune`` with ``configs/methods/{prdp,ddpo}.py`` (G classes x n samples per epoch, the
-10-step DDPM policy; the same reward-query budget for every method: ``--epochs`` epochs of G n queries, which
-is 4 updates per epoch for PRDP and DDPO and 1 for REINFORCE). Scored on 500
-fresh samples (50 per class, the policy's own sampler, fixed noise) per model:
+Tasks (``TASKS``):
+  three  the unconditional digits teacher (``configs/digits.py``) learns to draw 3s: reward log p(3 | x) of the
+         seed-0 digits classifier (``classifier:digits:3``; the teacher: -20 on average, 12 % of its samples
+         are 3s). The log-probability grades every sample; p(3 | x) is ~0 for the 88 % that are not 3s, so
+         a batch carries little signal (a PRDP probe with it, 52 updates of 64 samples, moved nothing);
+  next   the class-conditional teacher (``configs/digits.py:cond``) drawing class c is rewarded with
+         log p(c + 1 | x): one target per prompt (class), so more classes means more distinct things to learn
+         from the same queries -- the setting of PRDP's large-scale claim. ``--classes C`` draws the groups
+         from classes 0..C-1 (and scores those classes);
+  ink    the class-conditional teacher, reward the mean brightness (the amount of ink): a reward that varies a
+         lot within the teacher's own samples (so the online methods can climb it) and is trivially hacked by
+         white images -- the held-out scores measure whether the samples still show their class. The stability
+         study runs it with ``--classes 2`` and ``--classes 10``;
+  jpeg   the conditional teacher, DDPO's JPEG incompressibility (no headroom on 8x8 images: the first probe).
 
-  reward           the mean reward of those samples;
-  label_log_prob   mean log p(label | x) under the seed-1 digits classifier (does the sample still show its class?);
-  frechet          Frechet distance to the 355 held-out digits in the seed-1 classifier's features (domain
-                   drift: reward hacking, e.g. noise that JPEG cannot compress, raises it);
-  accuracy         share of samples the seed-1 classifier labels with their class.
-The classifier reward ``classifier:digits:label`` is saturated on this teacher (log p(label | x) = -0.015 on
-average, 99.4 % accuracy at 10 steps): nothing to gain, hence the JPEG default.
+Runs: ``dpmjax.methods.finetune`` with configs/methods/{prdp,ddpo,adjoint_reward}.py. One epoch of the online
+methods is G groups x n samples = G n reward queries; PRDP and DDPO make K = ``--updates`` updates per epoch,
+REINFORCE 1; AdjointDPM makes one update per G n queries (its batch). PRDP and DDPO get the same proximal
+radius (``--clip`` on per-step log-ratios / ratios; DDPO's official 1e-4 is for SD's 16k-dim latents). All
+take AdamW at ``--lr``. The online methods' policy is the ``--steps``-step DDPM sampler, AdjointDPM's the
+Heun ODE on Karras' grid at the same NFE (its config's default).
 
-Writes results/prdp/curves.csv (reward_mean per update from metrics.jsonl, with reward queries),
-results/prdp/scores.csv, reward_curves.png and samples_<run>.png.
+Scored on 500 fresh samples per model (fixed noise; the model's own sampler; the teacher under both; for
+``--classes C``, 500 // C of each class finetuned on):
+  reward        mean reward (the seed-0 classifier, the one finetuned against);
+  heldout_p     p(target | x) under the seed-1 classifier, which no method saw: a reward won by fooling the
+                seed-0 network (adversarial pixels) rises in ``reward`` but not here -- the reward-hacking check;
+  heldout_acc   share of samples the seed-1 classifier assigns to their target class;
+  frechet       Frechet distance, in seed-1 features, to the real digits of the samples' target classes
+                (all 1797 digits, drawn to the same class mix): do the samples look like real targets?;
+  diversity     mean pairwise pixel distance of the samples over that of the matched real digits (1 = as
+                varied as the data; collapse onto a few images lowers it).
+
+Writes OUT/scores.csv, curves.csv (reward_mean per update, with reward queries), reward_curves.png and
+samples_<run>.png (one row per 16 samples).
 """
 from __future__ import annotations
 
@@ -31,143 +51,216 @@ import json
 import os
 import time
 
-from _teachers import ROOT, real_split, teacher_workdir
+from _teachers import ROOT, teacher_workdir
 
 OUT = os.path.join(ROOT, "results", "prdp")
-RUNS = {  # name -> (method, config variant)
-    "prdp": ("prdp", ""),
-    "ddpo": ("ddpo", "objective=ppo"),
-    "reinforce": ("ddpo", "objective=reinforce"),
+TASKS = {  # name -> (teacher variant, reward spec, target of a sample with label y, PRDP's beta)
+    "three": ("", "classifier:digits:3", lambda y: 3 + 0 * y, 10.0),
+    "next": ("cond", "classifier:digits:next", lambda y: (y + 1) % 10, 10.0),
+    "ink": ("cond", "brightness", lambda y: y, 0.05),
+    "jpeg": ("cond", "jpeg_incompressibility", lambda y: y, 0.01),
+}
+RUNS = {  # name -> (method, config variant, proximal: K = --updates updates per epoch, else 1)
+    "prdp": ("prdp", "", True),
+    "ddpo": ("ddpo", "objective=ppo", True),
+    "reinforce": ("ddpo", "objective=reinforce", False),
+    "adjoint": ("adjoint_reward", "", False),
 }
 
 
-def _config(method, variant, args):
-    """The run's config: ``--epochs`` epochs of the method's own ``updates_per_epoch``."""
+def _config(method, variant, per_epoch, args, reward):
+    """The run's config: ``--queries`` reward queries in epochs (online) or batches (adjoint) of G n."""
     from dpmjax.config import configs_dir, load_config
 
     path = os.path.join(configs_dir(), "methods", f"{method}.py")
     config = load_config(f"{path}:{variant}" if variant else path)
+    batch = args.groups * args.group_size
+    epochs = args.queries // batch
     with config.unlocked():
-        config.method.update(reward=args.reward, groups=args.groups, group_size=args.group_size)
-        if method == "prdp":
-            config.method.update(beta=args.beta, clip_range=args.clip)
-        config.data.batch_size = args.groups * args.group_size
-        updates = args.epochs * int(config.method.updates_per_epoch)
-        config.train.update(num_steps=updates, log_every=1, checkpoint_every=updates)
+        config.method.reward = reward
+        if method == "adjoint_reward":
+            config.method.update(batch=batch, steps=args.steps // 2)  # heun: 2 calls per step
+        else:
+            config.method.update(groups=args.groups, group_size=args.group_size, steps=args.steps,
+                                 updates_per_epoch=per_epoch, classes=args.classes)
+            config.method.update({"beta": args.beta, "clip_range": args.clip} if method == "prdp" else
+                                 {"clip_range": args.clip})
+        config.data.batch_size = batch
+        updates = epochs * per_epoch
+        config.train.update(num_steps=updates, log_every=per_epoch, checkpoint_every=updates)
         config.optim.learning_rate = args.lr
     return config
 
 
-def _sampler(teacher, num_steps, eta=1.0):
+def _sampler(teacher, kind, nfe):
+    """jitted (params, x_T, key, labels) -> images in [-1, 1]: the nfe-step DDPM policy or the nfe/2-step Heun ODE."""
     import jax
+    import jax.numpy as jnp
 
+    from dpmjax.adjoint import generate
     from dpmjax.samplers import plan, policy
 
-    times = plan(teacher.schedule, "ddim", nfe=num_steps, spacing="time_uniform", eta=eta).grid["t"]
-    apply_fn = teacher.apply_fn()
+    apply_fn, conditional = teacher.apply_fn(), teacher.num_classes is not None
+    times = plan(teacher.schedule, "ddim", nfe=nfe, spacing="time_uniform", eta=1.0).grid["t"]
 
     @jax.jit
     def run(params, x_T, key, labels):
-        traj = policy.sample_trajectory(apply_fn, params, x_T, key, times, schedule=teacher.schedule,
-                                        prediction=teacher.prediction, eta=eta, cond={"y": labels})
-        return jax.numpy.clip(traj.states[-1], -1.0, 1.0)
+        cond = {"y": labels} if conditional else {}
+        if kind == "ode":
+            x_0, _ = generate(apply_fn, params, x_T, cond or None, schedule=teacher.schedule, method="backsolve",
+                              num_steps=nfe // 2, solver="heun", spacing="karras", prediction=teacher.prediction)
+        else:
+            x_0 = policy.sample_trajectory(apply_fn, params, x_T, key, times, schedule=teacher.schedule,
+                                           prediction=teacher.prediction, eta=1.0, cond=cond).states[-1]
+        return jnp.clip(x_0, -1.0, 1.0)
 
     return run
 
 
-def score(params, teacher, sampler, reward, metric, real, num=500):
+def score(params, teacher, sampler, reward, target_of, evaluator, real, classes=10, num=500):
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from dpmjax.metrics.rewards import classifier_reward
+    real_images, real_labels = real
+    labels = np.repeat(np.arange(classes), num // classes).astype(np.int32)  # the classes finetuned on
+    num = len(labels)
+    targets = np.asarray(target_of(labels))
+    x_T = jax.random.normal(jax.random.key(123), (num,) + teacher.image_shape, jnp.float32)
+    images = np.asarray(sampler(params, x_T, jax.random.key(124), jnp.asarray(labels)))
+    logits, _ = evaluator._apply(images)
+    p = np.asarray(jax.nn.softmax(logits, axis=-1))
+    rng = np.random.default_rng(0)  # real digits with the samples' mix of target classes
+    matched = np.concatenate([rng.choice(np.flatnonzero(real_labels == c), np.sum(targets == c))
+                              for c in np.unique(targets)])
+    return {"reward": round(float(np.mean(reward(jnp.asarray(images), jnp.asarray(labels)))), 4),
+            "heldout_p": round(float(np.mean(p[np.arange(num), targets])), 4),
+            "heldout_acc": round(float(np.mean(p.argmax(-1) == targets)), 4),
+            "frechet": round(float(evaluator.frechet(images, real_images[matched])), 2),
+            "diversity": round(_pairwise(images) / _pairwise(real_images[matched]), 3)}, images
 
-    labels = jnp.repeat(jnp.arange(10), num // 10)
-    x_T = jax.random.normal(jax.random.key(123), (labels.shape[0],) + teacher.image_shape, jnp.float32)
-    images = np.asarray(sampler(params, x_T, jax.random.key(124), labels))
-    out = {"reward": round(float(np.mean(reward(jnp.asarray(images), labels))), 5),
-           "label_log_prob": round(float(np.mean(classifier_reward(metric)(jnp.asarray(images), labels))), 4)}
-    logits, _ = metric._apply(images)
-    out["accuracy"] = round(float(np.mean(logits.argmax(-1) == np.asarray(labels))), 4)
-    out["frechet"] = round(float(metric.frechet(images, real)), 3)
-    return out, images
+
+def _pairwise(images):
+    import numpy as np
+
+    flat = images.reshape(len(images), -1).astype(np.float64)
+    sq = np.sum(flat ** 2, 1)
+    d2 = np.maximum(sq[:, None] + sq[None] - 2 * flat @ flat.T, 0)
+    return float(np.sqrt(d2)[np.triu_indices(len(flat), 1)].mean())
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="three", choices=list(TASKS))
     parser.add_argument("--only", default=",".join(RUNS), help=f"runs (of {list(RUNS)})")
-    parser.add_argument("--epochs", type=int, default=50, help="epochs per run (G n reward queries each)")
-    parser.add_argument("--groups", type=int, default=8, help="classes (prompts) per epoch")
-    parser.add_argument("--group-size", type=int, default=8, help="samples per class per epoch")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--reward", default="jpeg_incompressibility", help="a reward spec (metrics.rewards)")
-    parser.add_argument("--beta", type=float, default=0.01, help="PRDP's KL weight (reward units: kB for JPEG)")
-    parser.add_argument("--clip", type=float, default=1e-2, help="PRDP's proximal clip on per-step log-ratios")
-    parser.add_argument("--out", default=OUT)
+    parser.add_argument("--queries", type=int, default=3200, help="reward queries per method")
+    parser.add_argument("--groups", type=int, default=4, help="groups (prompts) per epoch")
+    parser.add_argument("--group-size", type=int, default=4, help="samples per group")
+    parser.add_argument("--classes", type=int, default=None, help="conditional tasks: classes 0..C-1 (default all)")
+    parser.add_argument("--steps", type=int, default=10, help="NFE of the policy (DDPM steps; AdjointDPM: Heun, "
+                        "steps / 2)")
+    parser.add_argument("--updates", type=int, default=4, help="K: PRDP's and DDPO's updates per epoch")
+    parser.add_argument("--lr", type=float, default=3e-5)
+    parser.add_argument("--beta", type=float, default=None, help="PRDP's KL weight on the mean per-step log-ratio "
+                        "(default: the task's, ~ a typical reward difference: 10 nats of log p, 0.05 of brightness)")
+    parser.add_argument("--clip", type=float, default=1e-2, help="PRDP's and DDPO's proximal radius")
+    parser.add_argument("--reward", default=None, help="a reward spec instead of the task's")
+    parser.add_argument("--out", default=None, help="default results/prdp/<task>")
     args = parser.parse_args()
     names = [n for n in args.only.split(",") if n]
     if sorted(set(names) - set(RUNS)):
         parser.error(f"unknown runs {sorted(set(names) - set(RUNS))}; choose from {list(RUNS)}")
-    os.makedirs(args.out, exist_ok=True)
+    variant, spec, target_of, beta = TASKS[args.task]
+    spec = args.reward or spec
+    args.beta = beta if args.beta is None else args.beta
+    if args.classes is not None and not variant:
+        parser.error("--classes needs a class-conditional task (next, jpeg)")
+    if args.queries < args.groups * args.group_size:
+        parser.error("--queries must cover at least one epoch of groups x group-size")
+    if args.steps < 2 or args.steps % 2:
+        parser.error("--steps must be even (AdjointDPM's Heun takes 2 calls per step)")
+    out = args.out or os.path.join(OUT, args.task)
+    os.makedirs(out, exist_ok=True)
 
+    import numpy as np
+
+    from dpmjax.data import get_dataset
     from dpmjax.methods import finetune
-    from dpmjax.metrics.domain import domain_metric
+    from dpmjax.metrics.domain import all_images, domain_metric
     from dpmjax.metrics.report import image_grid
     from dpmjax.metrics.rewards import reward_from_spec
     from dpmjax.workdir import load_params, load_teacher
 
-    teacher = load_teacher(teacher_workdir("digits", variant="cond"))
-    metric, reward = domain_metric("digits", 1), reward_from_spec(args.reward, image_shape=teacher.image_shape)
-    real, _ = real_split("digits", "test")
-    sampler = _sampler(teacher, 10)
-    rows = []
-    base, images = score(teacher.params, teacher, sampler, reward, metric, real)
-    rows.append({"run": "teacher", "updates": 0, "reward_queries": 0, "seconds": 0, **base})
-    image_grid(images[::5][:100], os.path.join(args.out, "samples_teacher.png"))
-    print(rows[-1], flush=True)
-    curves = []
+    teacher = load_teacher(teacher_workdir("digits", variant=variant))
+    reward, evaluator = reward_from_spec(spec, image_shape=teacher.image_shape), domain_metric("digits", 1)
+    if "adjoint" in names and not reward.differentiable:
+        names.remove("adjoint")
+        print(f"skipping adjoint: {spec} is not differentiable")
+    parts = [all_images(get_dataset("digits", split)) for split in ("train", "test")]
+    real = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+    samplers = {"policy": _sampler(teacher, "policy", args.steps), "ode": _sampler(teacher, "ode", args.steps)}
+    rows, curves = [], []
+
+    def record(name, sampler, params, **info):
+        scores, images = score(params, teacher, samplers[sampler], reward, target_of, evaluator, real,
+                               classes=args.classes or 10)
+        rows.append({"run": name, "sampler": sampler, **info, **scores})
+        image_grid(images[::5][:96], os.path.join(out, f"samples_{name}.png"))
+        print(rows[-1], flush=True)
+
+    record("teacher", "policy", teacher.params, updates=0, reward_queries=0, seconds=0)
+    if "adjoint" in names:
+        record("teacher_ode", "ode", teacher.params, updates=0, reward_queries=0, seconds=0)
+    batch = args.groups * args.group_size
     for name in names:
-        method, variant = RUNS[name]
-        config = _config(method, variant, args)
-        workdir = os.path.join(args.out, "runs", f"{name}_g{args.groups}_n{args.group_size}_e{args.epochs}")
+        method, config_variant, proximal = RUNS[name]
+        per_epoch = args.updates if proximal else 1
+        config = _config(method, config_variant, per_epoch, args, spec)
+        workdir = os.path.join(out, "runs", name)
         start = time.perf_counter()
         finetune(method, teacher, config, workdir, num_devices=1, quiet=True)
         seconds = time.perf_counter() - start
-        per_epoch = int(config.method.updates_per_epoch)
-        queries = args.groups * args.group_size
         for line in open(os.path.join(workdir, "metrics.jsonl")):
             m = json.loads(line)
-            epochs = (int(m["step"]) - 1) // per_epoch + 1
-            curves.append({"run": name, "update": m["step"], "reward_queries": epochs * queries,
+            queries = ((int(m["step"]) - 1) // per_epoch + 1) * batch
+            curves.append({"run": name, "update": m["step"], "reward_queries": queries,
                            "reward_mean": round(m["reward_mean"], 4), "loss": round(m["loss"], 6)})
         _, params, _, _ = load_params(workdir)
-        scores, images = score(params, teacher, sampler, reward, metric, real)
-        rows.append({"run": name, "updates": int(config.train.num_steps), "reward_queries": args.epochs * queries,
-                     "seconds": round(seconds), **scores})
-        image_grid(images[::5][:100], os.path.join(args.out, f"samples_{name}.png"))
-        print(rows[-1], flush=True)
+        record(name, "ode" if name == "adjoint" else "policy", params, updates=int(config.train.num_steps),
+               reward_queries=(args.queries // batch) * batch, seconds=round(seconds))
+        _write(out, rows, curves)
+    _write(out, rows, curves)
+
+
+def _write(out, rows, curves):
     for path, data in (("scores.csv", rows), ("curves.csv", curves)):
-        with open(os.path.join(args.out, path), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(data[0]))
-            writer.writeheader()
-            writer.writerows(data)
-    plot(curves, rows, args.out)
+        if data:
+            with open(os.path.join(out, path), "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(data[0]))
+                writer.writeheader()
+                writer.writerows(data)
+    if curves:
+        plot(curves, rows, out)
 
 
 def plot(curves, rows, out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in dict.fromkeys(c["run"] for c in curves):
-        points = [(c["reward_queries"], c["reward_mean"]) for c in curves if c["run"] == name]
-        ax.plot(*zip(*points), label=name)
-    teacher = [r for r in rows if r["run"] == "teacher"]
-    if teacher:
-        ax.axhline(teacher[0]["reward"], ls=":", c="k", label="teacher (500 eval samples)")
+        queries = np.array([c["reward_queries"] for c in curves if c["run"] == name], float)
+        values = np.array([c["reward_mean"] for c in curves if c["run"] == name], float)
+        window = max(1, len(values) // 20)  # a running mean over ~5 % of the run: epoch rewards are noisy
+        smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+        ax.plot(queries[window - 1:], smooth, label=name)
+    for row in rows:
+        if row["run"] == "teacher":
+            ax.axhline(row["reward"], ls=":", c="k", label="teacher (500 eval samples)")
     ax.set_xlabel("reward queries")
-    ax.set_ylabel("mean reward of the epoch's samples")
+    ax.set_ylabel("mean reward of the update's samples")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "reward_curves.png"), dpi=120)

@@ -70,7 +70,7 @@ def test_an_update_takes_the_rewards_gradient_through_the_sampler_and_ascends_it
     config = method_config(adjoint="checkpoint")
     adjoint_reward.METHOD.validate(config, teacher)
     program = adjoint_reward.METHOD.build(config, teacher)
-    assert not program.needs_data and program.output["sample"] == {"solver": "heun", "nfe": 4, "spacing": "logSNR"}
+    assert not program.needs_data and program.output["sample"] == {"solver": "heun", "nfe": 4, "spacing": "karras"}
     state = jax.jit(program.init)(program.frozen, jax.random.key(0))
     key = jax.random.key(1)
     new_state, scalars = jax.jit(program.update)(state, None, program.frozen, key)
@@ -80,7 +80,7 @@ def test_an_update_takes_the_rewards_gradient_through_the_sampler_and_ascends_it
 
     def mean_reward(params):
         x_0 = sample(lambda x, t: apply_fn(params, x, t), x_T, schedule=teacher.schedule, solver="heun", nfe=4,
-                     spacing="logSNR", prediction=teacher.prediction)
+                     spacing="karras", prediction=teacher.prediction)
         return jnp.mean(patched_reward.fn(patched_reward.params, jnp.clip(x_0, -1, 1), labels))
 
     before, grads = jax.jit(jax.value_and_grad(mean_reward))(state.params)
@@ -113,7 +113,7 @@ def test_finetune_cli_then_sample_the_output(digits_teacher, patched_reward, tmp
                  "--num-devices", "1", "--config", config]) == 0
     _, params, _, config = load_params(out)
     settings = sample_settings(config)
-    assert (settings["solver"], settings["nfe"], settings["spacing"]) == ("heun", 4, "logSNR")
+    assert (settings["solver"], settings["nfe"], settings["spacing"]) == ("heun", 4, "karras")
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(teacher.params)))
     assert main(["sample", "--workdir", out, "--num", "4", "--batch-size", "4"]) == 0
 
@@ -124,6 +124,7 @@ def test_finetune_cli_then_sample_the_output(digits_teacher, patched_reward, tmp
     ({"adjoint": "forward"}, "adjoint must be one of"),
     ({"solver": "tsit5"}, "solver for adjoint='backsolve'"),
     ({"adjoint": "scan", "solver": "heun3"}, "solver for adjoint='scan'"),
+    ({"adjoint": "scan", "solver": "heun", "steps": 3}, "must be even"),
     ({"batch": 0}, "batch"),
     ({"steps": 0}, "steps"),
     ({"spacing": "cubic"}, "spacing"),

@@ -232,17 +232,11 @@ def test_paper_scale_configs_take_the_converted_ddpm_cifar10_teacher(method, var
     """configs/methods/{dmd2,step_by_step}_cifar10.py validate and build (shapes only: no weights, nothing run) on
     a teacher with google/ddpm-cifar10-32's layout as ``dpmjax convert`` writes it: DMD2 with its GAN head on
     the port's mid block, step-by-step with the port's conv_out widened."""
-    from dpmjax.methods import abstract_teacher, get_method
+    from tiny_configs import ddpm_cifar10_teacher
 
-    layout = {"act_fn": "silu", "block_out_channels": [128, 256, 256, 256], "center_input_sample": False,
-              "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
-              "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3,
-              "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32,
-              "out_channels": 3, "sample_size": 32, "time_embedding_type": "positional",
-              "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]}
-    teacher = abstract_teacher({"model": {"kind": "diffusers_unet", **layout},
-                                "schedule": {"name": "linear", "num_train_timesteps": 1000},
-                                "data": {"name": "tfds:cifar10", "image_shape": [32, 32, 3]}, "target": "eps"})
+    from dpmjax.methods import get_method
+
+    teacher = ddpm_cifar10_teacher()
     path = os.path.join(configs_dir(), "methods", f"{method}_cifar10.py")
     config = load_config(f"{path}:{variant}" if variant else path)
     get_method(method).validate(config, teacher)

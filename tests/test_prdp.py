@@ -143,3 +143,57 @@ def test_a_reward_returning_nan_is_refused_on_the_probe_batch(digits_teacher, tm
     _, teacher = digits_teacher
     with pytest.raises(rewards.RewardError, match="'nan' returned NaN"):
         dpmjax.methods.finetune("prdp", teacher, method_config("prdp"), str(tmp_path / "out"), num_devices=1)
+
+
+def test_the_groups_draw_their_classes_from_the_first_classes(tmp_path):
+    """classes=2 on a class-conditional teacher (random weights: only the epoch's labels are checked): every group
+    is one class, all from {0, 1}; classes on an unconditional teacher or above the teacher's classes is refused."""
+    from tiny_configs import tiny_unet_config
+
+    from dpmjax.methods import Teacher, prdp
+    from dpmjax.nn import build_model, init_params
+    from dpmjax.schedules import schedule_from_config
+
+    teacher_config = tiny_unet_config()
+    with teacher_config.unlocked():
+        teacher_config.model.num_classes = 10
+    model = build_model(teacher_config.model)
+    teacher = Teacher(model, init_params(model, (8, 8, 1), 0), schedule_from_config(teacher_config.schedule),
+                      teacher_config)
+    config = method_config("prdp", method__classes=2, method__groups=8)
+    prdp.METHOD.validate(config, teacher)
+    program = prdp.METHOD.build(config, teacher)
+    state = jax.jit(program.init)(program.frozen, jax.random.key(0))
+    state, _ = jax.jit(program.update)(state, None, program.frozen, jax.random.key(1))
+    labels = np.asarray(state.labels).reshape(8, 2)
+    assert set(np.unique(labels)) == {0, 1} and np.all(labels == labels[:, :1])
+    with pytest.raises(ValueError, match="at most the teacher's 10 classes"):
+        prdp.METHOD.validate(method_config("prdp", method__classes=11), teacher)
+
+
+def test_classes_on_an_unconditional_teacher_is_refused(digits_teacher):
+    from dpmjax.methods import prdp
+
+    with pytest.raises(ValueError, match="unconditional"):
+        prdp.METHOD.validate(method_config("prdp", method__classes=2), digits_teacher[1])
+
+
+@pytest.mark.parametrize("variant, method", [("", "prdp"), ("baseline=ppo", "ddpo"), ("baseline=reinforce", "ddpo")])
+def test_the_paper_scale_config_takes_the_converted_ddpm_cifar10_teacher(variant, method):
+    """configs/methods/prdp_cifar10.py (PRDP, and DDPO / REINFORCE at the same budget) validates, builds and
+    traces one update (shapes only) on a teacher with google/ddpm-cifar10-32's layout as ``dpmjax convert`` writes
+    it: 32 groups x 16 trajectories of 50 steps."""
+    from tiny_configs import ddpm_cifar10_teacher
+
+    from dpmjax.methods import get_method
+
+    teacher = ddpm_cifar10_teacher()
+    config = load_config(os.path.join(configs_dir(), "methods", "prdp_cifar10.py") + (f":{variant}" if variant else ""))
+    assert config.method.name == method
+    get_method(method).validate(config, teacher)
+    program = get_method(method).build(config, teacher)
+    state = jax.eval_shape(program.init, program.frozen, jax.random.key(0))
+    assert state.states.shape == (51, 512, 32, 32, 3) and state.rewards.shape == (32, 16)
+    new, scalars = jax.eval_shape(program.update, state, None, program.frozen, jax.random.key(1))
+    assert jax.tree.map(lambda s: s.shape, new) == jax.tree.map(lambda s: s.shape, state)
+    assert scalars["loss"].shape == ()

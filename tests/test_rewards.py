@@ -56,6 +56,39 @@ def test_classifier_reward_is_the_log_softmax_of_the_target_or_own_label():
         rewards.classifier_reward(metric, 10)
 
 
+def test_the_next_class_reward_scores_each_sample_against_the_class_after_its_own():
+    """shift=1 ("classifier:DATASET:next"): p((y + 1) mod 10 | x), 9 wrapping to 0; refused for an unconditional
+    model, whose samples have no class."""
+    metric = tiny_metric()
+    x = jnp.asarray(images(3, 4, (8, 8, 1)))
+    labels = jnp.asarray([3, 9, 0, 9])
+    p = np.asarray(jax.nn.softmax(metric.module.apply(metric.params, x)))
+    following = rewards.classifier_reward(metric, kind="prob", shift=1)
+    assert following.name == "classifier_prob:digits:next"
+    np.testing.assert_allclose(np.asarray(following(x, labels)), p[np.arange(4), [4, 0, 1, 0]], rtol=1e-5)
+    rewards.check_conditioning(following, "classifier:digits:next:prob", 10)
+    for reward in (following, rewards.classifier_reward(metric)):
+        with pytest.raises(ValueError, match="unconditional"):
+            rewards.check_conditioning(reward, "spec", None)
+    rewards.check_conditioning(rewards.classifier_reward(metric, 3), "classifier:digits:3", None)
+    with pytest.raises(ValueError, match="shift"):
+        rewards.classifier_reward(metric, 3, shift=1)
+
+
+def test_brightness_is_the_mean_intensity_and_parses_from_a_spec():
+    """(x + 1) / 2 averaged per image: 0 for black, 1 for white; a gradient of 1 / (2 pixels) everywhere; "brightness"
+    in a spec, alone or in a weighted sum."""
+    x = jnp.stack([jnp.full((8, 8, 1), -1.0), jnp.full((8, 8, 1), 1.0), jnp.asarray(images(4, 2, (8, 8, 1)))[1]])
+    reward = rewards.reward_from_spec("brightness")
+    values = np.asarray(jax.jit(reward.fn)(reward.params, x, jnp.zeros((3,), jnp.int32)))
+    np.testing.assert_allclose(values, [0.0, 1.0, float(np.mean((np.asarray(x[2]) + 1) / 2))], rtol=1e-6, atol=1e-7)
+    grad = jax.grad(lambda im: jnp.sum(reward(im, None)))(x)
+    assert reward.differentiable and np.allclose(np.asarray(grad), 1 / 128)  # d/dx of mean((x + 1) / 2)
+    total = rewards.reward_from_spec("0.5*brightness + 2*brightness")
+    np.testing.assert_allclose(np.asarray(total(x, jnp.zeros((3,), jnp.int32))), 2.5 * values, rtol=1e-6)
+    rewards.validate_reward(reward, (8, 8, 1))
+
+
 def test_sum_of_rewards_weights_each_term():
     metric = tiny_metric()
     x = jnp.asarray(images(2, 3, (8, 8, 1)))

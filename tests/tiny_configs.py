@@ -80,3 +80,19 @@ def diffusers_teacher(seed=0):
     model = build_model(config.model)
     return Teacher(model, init_params(model, config.data.image_shape, seed), schedule_from_config(config.schedule),
                    config)
+
+
+def ddpm_cifar10_teacher():
+    """An abstract Teacher (``jax.ShapeDtypeStruct`` params: no weights) with google/ddpm-cifar10-32's layout as
+    ``dpmjax convert`` writes it (35.7M parameters, eps): for shape-only tests of the paper-scale configs."""
+    from dpmjax.methods import abstract_teacher
+
+    layout = {"act_fn": "silu", "block_out_channels": [128, 256, 256, 256], "center_input_sample": False,
+              "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+              "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3,
+              "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32,
+              "out_channels": 3, "sample_size": 32, "time_embedding_type": "positional",
+              "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]}
+    return abstract_teacher({"model": {"kind": "diffusers_unet", **layout},
+                             "schedule": {"name": "linear", "num_train_timesteps": 1000},
+                             "data": {"name": "tfds:cifar10", "image_shape": [32, 32, 3]}, "target": "eps"})

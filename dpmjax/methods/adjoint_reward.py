@@ -30,16 +30,18 @@ import optax
 
 from dpmjax.adjoint import METHODS as ADJOINT_METHODS
 from dpmjax.adjoint import value_and_grad_through_sampling
+from dpmjax.adjoint.rho_ode import rho_grid
 from dpmjax.methods.base import Method, Program, StudentState, Teacher, method_settings
-from dpmjax.metrics.rewards import reward_from_spec, validate_reward
+from dpmjax.metrics.rewards import check_conditioning, reward_from_spec, validate_reward
 from dpmjax.samplers import SOLVERS
+from dpmjax.samplers.driver import plan
 from dpmjax.schedules import SPACINGS
 from dpmjax.train import optim
 from dpmjax.train.state import ema_decay_at, ema_update
 
 __all__ = ["METHOD", "DEFAULTS", "STAGES"]
 
-DEFAULTS = dict(reward="classifier:digits:label", batch=16, steps=5, adjoint="backsolve", solver=None,
+DEFAULTS = dict(reward="classifier:digits:3", batch=16, steps=5, adjoint="backsolve", solver=None,
                 spacing="logSNR")
 STAGES = {"euler": 1, "heun": 2}  # model calls per step of the ODE solvers that a registered solver repeats
 
@@ -74,14 +76,19 @@ def validate(config, teacher: Teacher) -> None:
                          f"{sorted(choices)}, got {m['solver']!r}")
     if m["spacing"] not in SPACINGS:
         raise ValueError(f"config.method.spacing must be one of {SPACINGS}, got {m['spacing']!r}")
+    try:  # the sampler's grid for these steps (e.g. a 2-call solver needs an even NFE under "scan")
+        if m["adjoint"] == "scan":
+            plan(teacher.schedule, _solver(m), nfe=int(m["steps"]), spacing=m["spacing"])
+        else:
+            rho_grid(teacher.schedule, num_steps=int(m["steps"]), spacing=m["spacing"], adaptive=False)
+    except ValueError as err:
+        raise ValueError(f"config.method: {m['steps']} steps of {_solver(m)} ({m['adjoint']}): {err}") from None
     reward = reward_from_spec(m["reward"], image_shape=teacher.image_shape)
     if not reward.differentiable:
         raise ValueError(f"config.method.reward {m['reward']!r} is not differentiable (a host function such as "
                          f"JPEG size has no gradient): adjoint_reward needs e.g. a classifier reward; PRDP and DDPO "
                          f"(--method prdp / ddpo) take black-box rewards")
-    if "label" in reward.name and teacher.num_classes is None:
-        raise ValueError(f"config.method.reward {m['reward']!r} scores each sample's own class, but the teacher "
-                         f"is unconditional: give a target class (classifier:DATASET:TARGET)")
+    check_conditioning(reward, m["reward"], teacher.num_classes)
     validate_reward(reward, teacher.image_shape, teacher.num_classes)
 
 

@@ -17,7 +17,8 @@ policy the student was trained as when eta = 1 (``sample`` section: the ``ddpm``
 spacing).
 
 Settings (``config.method``): reward (``dpmjax.metrics.rewards.reward_from_spec``), groups G, group_size n,
-steps T, eta, spacing, updates_per_epoch K, plus the objective's own (``objective_defaults``).
+steps T, eta, spacing, updates_per_epoch K, classes (the "prompts": a class-conditional teacher's groups draw
+their classes from 0 .. classes - 1; None = all), plus the objective's own (``objective_defaults``).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import optax
 from flax import struct
 
 from dpmjax.methods.base import Method, Program, Teacher, method_settings
-from dpmjax.metrics.rewards import reward_from_spec, validate_reward
+from dpmjax.metrics.rewards import check_conditioning, reward_from_spec, validate_reward
 from dpmjax.samplers import policy
 from dpmjax.samplers.driver import plan
 from dpmjax.schedules import SPACINGS
@@ -40,7 +41,7 @@ from dpmjax.train.state import ema_decay_at, ema_update
 __all__ = ["OnlineState", "COMMON_DEFAULTS", "make_method", "policy_timesteps"]
 
 COMMON_DEFAULTS = dict(reward="jpeg_incompressibility", groups=4, group_size=4, steps=10, eta=1.0,
-                       spacing="time_uniform", updates_per_epoch=4)
+                       spacing="time_uniform", updates_per_epoch=4, classes=None)
 
 
 @struct.dataclass
@@ -88,6 +89,14 @@ def make_method(name: str, doc: str, objective_defaults: dict, check_objective: 
         _int_at_least(m["group_size"], "group_size", 2)  # pairs within a group / a group baseline
         _int_at_least(m["steps"], "steps", 1)
         _int_at_least(m["updates_per_epoch"], "updates_per_epoch", 1)
+        if m["classes"] is not None:
+            if teacher.num_classes is None:
+                raise ValueError("config.method.classes draws the groups' classes of a class-conditional teacher; "
+                                 "this teacher is unconditional (leave classes None)")
+            _int_at_least(m["classes"], "classes", 1)
+            if m["classes"] > teacher.num_classes:
+                raise ValueError(f"config.method.classes must be at most the teacher's {teacher.num_classes} "
+                                 f"classes, got {m['classes']}")
         policy.check_eta(m["eta"])
         if m["spacing"] not in SPACINGS:
             raise ValueError(f"config.method.spacing must be one of {SPACINGS}, got {m['spacing']!r}")
@@ -97,9 +106,7 @@ def make_method(name: str, doc: str, objective_defaults: dict, check_objective: 
         except ValueError as err:
             raise ValueError(f"config.method: the policy cannot run {m['steps']} steps: {err}") from None
         reward = reward_from_spec(m["reward"], image_shape=teacher.image_shape)
-        if "label" in reward.name and teacher.num_classes is None:
-            raise ValueError(f"config.method.reward {m['reward']!r} scores each sample's own class, but the teacher "
-                             f"is unconditional: give a target class (classifier:DATASET:TARGET)")
+        check_conditioning(reward, m["reward"], teacher.num_classes)
         validate_reward(reward, teacher.image_shape, teacher.num_classes)  # a probe batch, before any compile
 
     def build(config, teacher: Teacher) -> Program:
@@ -112,6 +119,7 @@ def make_method(name: str, doc: str, objective_defaults: dict, check_objective: 
         apply_fn, schedule, prediction = teacher.apply_fn(), teacher.schedule, teacher.prediction
         shape = teacher.image_shape
         num_classes = teacher.num_classes
+        prompts = num_classes if m["classes"] is None else int(m["classes"])  # groups draw classes 0 .. prompts-1
         tx = optim.make_optimizer(total_steps=int(config.train.num_steps), **config.optim.to_dict())
         ema_decay = float(config.train.get("ema_decay", 0.0))
 
@@ -135,7 +143,7 @@ def make_method(name: str, doc: str, objective_defaults: dict, check_objective: 
         def new_epoch(state, frozen, key):
             k_labels, k_noise, k_steps = jax.random.split(key, 3)
             if num_classes is not None:
-                labels = jnp.repeat(jax.random.randint(k_labels, (groups,), 0, num_classes), size)
+                labels = jnp.repeat(jax.random.randint(k_labels, (groups,), 0, prompts), size)
             else:
                 labels = jnp.zeros((batch,), jnp.int32)
             x_T = jax.random.normal(k_noise, (batch,) + shape, jnp.float32)

@@ -99,11 +99,26 @@ def jpeg_incompressibility(quality: int = 95) -> Reward:
     return host_reward("jpeg_incompressibility", lambda images, labels: _jpeg_kilobytes(images, quality))
 
 
-def classifier_reward(metric, target: int | None = None, *, kind: str = "log_prob") -> Reward:
+def brightness() -> Reward:
+    """The mean intensity of each image in [0, 1] ((x + 1) / 2 averaged over pixels and channels): for digits,
+    the amount of ink. Jitted and differentiable; trivially hackable (a white image scores 1), which makes it the
+    test case of the reward-hacking check (does the sample still show its class?) and of multi-reward
+    finetuning (``brightness + classifier:digits:label``)."""
+
+    def reward_fn(params, images, labels):
+        del params, labels
+        return jnp.mean((images.astype(jnp.float32) + 1.0) / 2.0, axis=tuple(range(1, images.ndim)))
+
+    return Reward(name="brightness", fn=reward_fn, params=(), differentiable=True)
+
+
+def classifier_reward(metric, target: int | None = None, *, kind: str = "log_prob", shift: int = 0) -> Reward:
     """A frozen classifier's belief in a class: ``log p(c | x)`` (kind "log_prob") or ``p(c | x)`` ("prob"),
-    with c = ``target`` for every sample, or the sample's own label when ``target`` is None (class-conditional
-    generation: reward images that look like their class). ``metric`` is a ``dpmjax.metrics.domain.DomainMetric``
-    (its params become the reward's, an argument of jitted code). Differentiable."""
+    with c = ``target`` for every sample, or, when ``target`` is None, the sample's own label plus ``shift``
+    (mod the classes): shift 0 rewards images that look like their class, shift 1 ("next") like the following
+    class, a per-prompt task with headroom for a class-conditional model that already draws its classes well.
+    ``metric`` is a ``dpmjax.metrics.domain.DomainMetric`` (its params become the reward's, an argument of jitted
+    code). Differentiable."""
     if kind not in ("log_prob", "prob"):
         raise ValueError(f"kind must be 'log_prob' or 'prob', got {kind!r}")
     module = metric.module
@@ -115,11 +130,15 @@ def classifier_reward(metric, target: int | None = None, *, kind: str = "log_pro
     def reward_fn(params, images, labels):
         logits = module.apply(params, images.astype(jnp.float32))
         log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        classes = jnp.full(images.shape[:1], target, jnp.int32) if target is not None else labels.astype(jnp.int32)
+        classes = (jnp.full(images.shape[:1], target, jnp.int32) if target is not None
+                   else (labels.astype(jnp.int32) + shift) % num_classes)
         chosen = jnp.take_along_axis(log_p, classes[:, None], axis=-1)[:, 0]
         return chosen if kind == "log_prob" else jnp.exp(chosen)
 
-    name = f"classifier_{kind}:{metric.dataset}:" + ("label" if target is None else str(target))
+    if isinstance(shift, bool) or not isinstance(shift, (int, np.integer)) or (shift and target is not None):
+        raise ValueError(f"shift must be an integer, applied to the sample's own label (target None), got {shift!r}")
+    own = "label" if shift == 0 else "next" if shift == 1 else f"label+{shift}"
+    name = f"classifier_{kind}:{metric.dataset}:" + (own if target is None else str(target))
     return Reward(name=name, fn=reward_fn, params=metric.params, differentiable=True)
 
 
@@ -142,6 +161,14 @@ def sum_rewards(terms: Sequence[tuple[Reward, float]]) -> Reward:
                   params=tuple(r.params for r, _ in terms), differentiable=all(r.differentiable for r, _ in terms))
 
 
+def check_conditioning(reward: Reward, spec, num_classes: int | None) -> None:
+    """ValueError when ``reward`` scores each sample against its own class (``label``, ``next``) but the model is
+    unconditional (``num_classes`` None): its samples have no class."""
+    if num_classes is None and any(f":{own}" in reward.name for own in ("label", "next")):
+        raise ValueError(f"config.method.reward {spec!r} scores each sample against its own class, but the teacher "
+                         f"is unconditional: give a target class (classifier:DATASET:TARGET)")
+
+
 def validate_reward(reward: Reward, image_shape, num_classes: int | None = None, *, batch: int = 3) -> None:
     """Call ``reward`` once, eagerly, on a probe batch (a black, a white and a random image of ``image_shape``)
     and raise ``RewardError`` unless it returns one finite real number per sample: run before compiling."""
@@ -162,13 +189,15 @@ def validate_reward(reward: Reward, image_shape, num_classes: int | None = None,
     _check_values(reward.name, values, batch)
 
 
-REWARD_NAMES = ("jpeg_compressibility", "jpeg_incompressibility", "classifier:DATASET[:TARGET|label][:prob]")
+REWARD_NAMES = ("jpeg_compressibility", "jpeg_incompressibility", "brightness",
+                "classifier:DATASET[:TARGET|label|next][:prob]")
 
 
 def reward_from_spec(spec: str, *, image_shape=None) -> Reward:
     """A reward from a config string: terms joined by ``+``, each ``[WEIGHT*]NAME`` with NAME one of
     ``REWARD_NAMES``, e.g. ``"jpeg_incompressibility"``, ``"classifier:digits:3"`` (log p(3 | x) of the cached
     seed-0 digits classifier), ``"classifier:digits:label"`` (each sample's own class),
+    ``"classifier:digits:next:prob"`` (p of the class after the sample's own),
     ``"0.5*classifier:digits:label + 0.1*jpeg_compressibility"``. ``image_shape`` (if given) must be the
     classifier dataset's."""
     if not isinstance(spec, str) or not spec.strip():
@@ -189,6 +218,8 @@ def _single_reward(name: str, image_shape) -> Reward:
         return jpeg_compressibility()
     if name == "jpeg_incompressibility":
         return jpeg_incompressibility()
+    if name == "brightness":
+        return brightness()
     parts = name.split(":")
     if parts[0] == "classifier" and 2 <= len(parts) <= 4:
         from dpmjax.metrics.domain import CONFIGS, domain_metric
@@ -198,10 +229,13 @@ def _single_reward(name: str, image_shape) -> Reward:
         rest = rest[:-1] if kind == "prob" else rest
         if dataset not in CONFIGS:
             raise ValueError(f"reward {name!r}: classifier datasets are {tuple(CONFIGS)}, got {dataset!r}")
-        target = None
-        if rest and rest[0] != "label":
+        target, shift = None, 0
+        if rest and rest[0] == "next":
+            shift = 1
+        elif rest and rest[0] != "label":
             if not rest[0].isdigit():
-                raise ValueError(f"reward {name!r}: the target must be a class number or 'label', got {rest[0]!r}")
+                raise ValueError(f"reward {name!r}: the target must be a class number, 'label' or 'next', got "
+                                 f"{rest[0]!r}")
             target = int(rest[0])
         metric = domain_metric(dataset)
         if image_shape is not None:
@@ -211,5 +245,5 @@ def _single_reward(name: str, image_shape) -> Reward:
             if tuple(image_shape) != expected:
                 raise ValueError(f"reward {name!r}: the {dataset} classifier reads images of shape {expected}, the "
                                  f"model makes {tuple(image_shape)}")
-        return classifier_reward(metric, target, kind=kind)
+        return classifier_reward(metric, target, kind=kind, shift=shift)
     raise ValueError(f"unknown reward {name!r}; choose from {REWARD_NAMES}")

@@ -38,10 +38,16 @@ Scored on 500 fresh samples per model (fixed noise; the model's own sampler; the
   frechet       Frechet distance, in seed-1 features, to the real digits of the samples' target classes
                 (all 1797 digits, drawn to the same class mix): do the samples look like real targets?;
   diversity     mean pairwise pixel distance of the samples over that of the matched real digits (1 = as
-                varied as the data; collapse onto a few images lowers it).
+                varied as the data; collapse onto a few images lowers it);
+  pixel_nn      mean pixel distance from a sample to the nearest real digit of its target class, over real
+                digits' own nearest-neighbour distance (~1 on the data; noise or adversarial patterns, which
+                can fool both classifiers, put it far above 1).
 
-Writes OUT/scores.csv, curves.csv (reward_mean per update, with reward queries), reward_curves.png and
-samples_<run>.png (one row per 16 samples).
+and, from the run's metrics, drift: the mean per-step log pi_old / pi_ref of the trajectories of the last 10 % of
+the run (how far the policy has moved from the teacher; nan for AdjointDPM, whose ODE has no likelihood ratio).
+
+Writes OUT/scores.csv, curves.csv (reward_mean and log_ratio per logged update, with reward queries),
+reward_curves.png and samples_<run>.png (one row per 16 samples).
 """
 from __future__ import annotations
 
@@ -137,16 +143,66 @@ def score(params, teacher, sampler, reward, target_of, evaluator, real, classes=
             "heldout_p": round(float(np.mean(p[np.arange(num), targets])), 4),
             "heldout_acc": round(float(np.mean(p.argmax(-1) == targets)), 4),
             "frechet": round(float(evaluator.frechet(images, real_images[matched])), 2),
-            "diversity": round(_pairwise(images) / _pairwise(real_images[matched]), 3)}, images
+            "diversity": round(_pairwise(images) / _pairwise(real_images[matched]), 3),
+            "pixel_nn": round(_pixel_nn(images, targets, real_images, real_labels), 3)}, images
+
+
+def _distances(a, b):
+    import numpy as np
+
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    d2 = np.sum(a ** 2, 1)[:, None] + np.sum(b ** 2, 1)[None] - 2 * a @ b.T
+    return np.sqrt(np.maximum(d2, 0))
 
 
 def _pairwise(images):
     import numpy as np
 
-    flat = images.reshape(len(images), -1).astype(np.float64)
-    sq = np.sum(flat ** 2, 1)
-    d2 = np.maximum(sq[:, None] + sq[None] - 2 * flat @ flat.T, 0)
-    return float(np.sqrt(d2)[np.triu_indices(len(flat), 1)].mean())
+    return float(_distances(images, images)[np.triu_indices(len(images), 1)].mean())
+
+
+def _pixel_nn(images, targets, real_images, real_labels):
+    """Mean pixel distance from each sample to the nearest real digit of its target class, over the mean distance
+    from each real digit of those classes to its nearest other one: ~1 on the data manifold, far above 1 for
+    noise or adversarial patterns that no classifier-based score catches (both classifiers are convnets of one
+    architecture, and adversarial pixels transfer between them)."""
+    import numpy as np
+
+    sample, real = [], []
+    for c in np.unique(targets):
+        own = real_images[real_labels == c]
+        sample.append(_distances(images[targets == c], own).min(1))
+        self_distances = _distances(own, own)
+        np.fill_diagonal(self_distances, np.inf)
+        real.append(self_distances.min(1))
+    return float(np.mean(np.concatenate(sample)) / np.mean(np.concatenate(real)))
+
+
+def _curves(name, workdir):
+    """(rows of reward_mean / log_ratio per logged update with its reward queries, drift) from a run's workdir."""
+    config = json.load(open(os.path.join(workdir, "config.json")))
+    per_epoch, batch = int(config["method"].get("updates_per_epoch", 1)), int(config["data"]["batch_size"])
+    logged = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    rows = [{"run": name, "update": m["step"], "reward_queries": ((int(m["step"]) - 1) // per_epoch + 1) * batch,
+             "reward_mean": round(m["reward_mean"], 4), "loss": round(m["loss"], 6),
+             "log_ratio": round(m.get("log_ratio", float("nan")), 4)} for m in logged]
+    tail = logged[-max(1, len(logged) // 10):]  # drift from pi_ref over the last 10 % of the run
+    return rows, round(sum(m.get("log_ratio", float("nan")) for m in tail) / len(tail), 2)
+
+
+def replot(out):
+    """Rebuild curves.csv, the drift column of scores.csv and the plot from OUT's finished runs."""
+    rows = list(csv.DictReader(open(os.path.join(out, "scores.csv"))))
+    curves = []
+    for row in rows:
+        workdir = os.path.join(out, "runs", row["run"])
+        row["drift"] = 0.0
+        if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+            run_curves, row["drift"] = _curves(row["run"], workdir)
+            curves += run_curves
+        for key in ("reward", "drift"):
+            row[key] = float(row[key])
+    _write(out, rows, curves)
 
 
 def main():
@@ -166,7 +222,11 @@ def main():
     parser.add_argument("--clip", type=float, default=1e-2, help="PRDP's and DDPO's proximal radius")
     parser.add_argument("--reward", default=None, help="a reward spec instead of the task's")
     parser.add_argument("--out", default=None, help="default results/prdp/<task>")
+    parser.add_argument("--replot", action="store_true", help="only rebuild the CSVs and the plot of OUT's runs")
+    parser.add_argument("--rescore", action="store_true", help="score OUT's finished runs again (no training)")
     args = parser.parse_args()
+    if args.replot:
+        return replot(args.out or os.path.join(OUT, args.task))
     names = [n for n in args.only.split(",") if n]
     if sorted(set(names) - set(RUNS)):
         parser.error(f"unknown runs {sorted(set(names) - set(RUNS))}; choose from {list(RUNS)}")
@@ -208,9 +268,17 @@ def main():
         image_grid(images[::5][:96], os.path.join(out, f"samples_{name}.png"))
         print(rows[-1], flush=True)
 
-    record("teacher", "policy", teacher.params, updates=0, reward_queries=0, seconds=0)
+    if args.rescore:
+        for row in list(csv.DictReader(open(os.path.join(out, "scores.csv")))):
+            params = teacher.params if row["run"].startswith("teacher") else \
+                load_params(os.path.join(out, "runs", row["run"]))[1]
+            record(row["run"], row["sampler"], params, updates=row["updates"], reward_queries=row["reward_queries"],
+                   seconds=row["seconds"], drift=0.0)
+        _write(out, rows, [])
+        return replot(out)
+    record("teacher", "policy", teacher.params, updates=0, reward_queries=0, seconds=0, drift=0.0)
     if "adjoint" in names:
-        record("teacher_ode", "ode", teacher.params, updates=0, reward_queries=0, seconds=0)
+        record("teacher_ode", "ode", teacher.params, updates=0, reward_queries=0, seconds=0, drift=0.0)
     batch = args.groups * args.group_size
     for name in names:
         method, config_variant, proximal = RUNS[name]
@@ -220,14 +288,11 @@ def main():
         start = time.perf_counter()
         finetune(method, teacher, config, workdir, num_devices=1, quiet=True)
         seconds = time.perf_counter() - start
-        for line in open(os.path.join(workdir, "metrics.jsonl")):
-            m = json.loads(line)
-            queries = ((int(m["step"]) - 1) // per_epoch + 1) * batch
-            curves.append({"run": name, "update": m["step"], "reward_queries": queries,
-                           "reward_mean": round(m["reward_mean"], 4), "loss": round(m["loss"], 6)})
+        run_curves, drift = _curves(name, workdir)
+        curves += run_curves
         _, params, _, _ = load_params(workdir)
         record(name, "ode" if name == "adjoint" else "policy", params, updates=int(config.train.num_steps),
-               reward_queries=(args.queries // batch) * batch, seconds=round(seconds))
+               reward_queries=(args.queries // batch) * batch, seconds=round(seconds), drift=drift)
         _write(out, rows, curves)
     _write(out, rows, curves)
 
@@ -249,19 +314,25 @@ def plot(curves, rows, out):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, ax_drift) = plt.subplots(1, 2, figsize=(11, 4))
     for name in dict.fromkeys(c["run"] for c in curves):
         queries = np.array([c["reward_queries"] for c in curves if c["run"] == name], float)
-        values = np.array([c["reward_mean"] for c in curves if c["run"] == name], float)
-        window = max(1, len(values) // 20)  # a running mean over ~5 % of the run: epoch rewards are noisy
-        smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-        ax.plot(queries[window - 1:], smooth, label=name)
+        for axis, key in ((ax, "reward_mean"), (ax_drift, "log_ratio")):
+            values = np.array([c[key] for c in curves if c["run"] == name], float)
+            if np.all(np.isnan(values)):
+                continue
+            window = max(1, len(values) // 20)  # a running mean over ~5 % of the run: epoch rewards are noisy
+            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+            axis.plot(queries[window - 1:], smooth, label=name)
     for row in rows:
         if row["run"] == "teacher":
-            ax.axhline(row["reward"], ls=":", c="k", label="teacher (500 eval samples)")
+            ax.axhline(float(row["reward"]), ls=":", c="k", label="teacher (500 eval samples)")
     ax.set_xlabel("reward queries")
     ax.set_ylabel("mean reward of the update's samples")
+    ax_drift.set_xlabel("reward queries")
+    ax_drift.set_ylabel("drift: mean per-step log pi_old / pi_ref")
     ax.legend(fontsize=7)
+    ax_drift.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "reward_curves.png"), dpi=120)
     plt.close(fig)

@@ -234,7 +234,7 @@ def main():
     spec = args.reward or spec
     args.beta = beta if args.beta is None else args.beta
     if args.classes is not None and not variant:
-        parser.error("--classes needs a class-conditional task (next, jpeg)")
+        parser.error("--classes needs a class-conditional task (next, ink, jpeg)")
     if args.queries < args.groups * args.group_size:
         parser.error("--queries must cover at least one epoch of groups x group-size")
     if args.steps < 2 or args.steps % 2:

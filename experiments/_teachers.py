@@ -65,3 +65,21 @@ def real_split(dataset: str = "digits", split: str = "test"):
     from dpmjax.metrics.domain import all_images
 
     return all_images(get_dataset(dataset, split))
+
+
+def nearest_distances(samples, reference, chunk=8192, exclude_self=False):
+    """L2 distance of each sample to its nearest reference image, float64 [N] (reference in chunks of ``chunk``);
+    ``exclude_self``: ``reference`` is ``samples`` and an image is not its own neighbour."""
+    import numpy as np
+
+    a = np.asarray(samples, np.float64).reshape(len(samples), -1)
+    b = np.asarray(reference, np.float64).reshape(len(reference), -1)
+    best = np.full(len(a), np.inf)
+    for i in range(0, len(b), chunk):
+        part = b[i:i + chunk]
+        squared = (a ** 2).sum(1)[:, None] + (part ** 2).sum(1)[None, :] - 2.0 * a @ part.T
+        if exclude_self:
+            rows = np.arange(i, min(i + len(part), len(a)))
+            squared[rows, rows - i] = np.inf
+        best = np.minimum(best, squared.min(axis=1))
+    return np.sqrt(np.maximum(best, 0.0))

@@ -43,7 +43,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _teachers import ROOT, real_split, teacher_workdir
+from _teachers import ROOT, nearest_distances, real_split, teacher_workdir
 
 from dpmjax.config import load_config
 from dpmjax.methods import dpm_ot, finetune
@@ -56,18 +56,6 @@ SETTINGS = [(solver, spacing) for solver in ("dpmpp_2m", "unipc")
             for spacing in ("logSNR", "karras", "time_uniform", "time_quadratic")]
 FIELDS = ["method", "k", "nfe", "solver", "spacing", "t_k", "sigma_t_k", "frechet", "mode_mixture",
           "nn_train_median", "closer_than_heldout", "near_copy", "seconds"]
-
-
-def nearest_distances(samples, reference, chunk=8192):
-    """L2 distance of each sample to its nearest reference image, float64 [N] (reference in chunks of ``chunk``)."""
-    a = np.asarray(samples, np.float64).reshape(len(samples), -1)
-    b = np.asarray(reference, np.float64).reshape(len(reference), -1)
-    best = np.full(len(a), np.inf)
-    for i in range(0, len(b), chunk):
-        part = b[i:i + chunk]
-        squared = (a ** 2).sum(1)[:, None] + (part ** 2).sum(1)[None, :] - 2.0 * a @ part.T
-        best = np.minimum(best, squared.min(axis=1))
-    return np.sqrt(np.maximum(best, 0.0))
 
 
 def score(metric, samples, held_out, train, heldout_nn):

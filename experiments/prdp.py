@@ -58,7 +58,7 @@ import json
 import os
 import time
 
-from _teachers import ROOT, teacher_workdir
+from _teachers import ROOT, nearest_distances, teacher_workdir
 
 OUT = os.path.join(ROOT, "results", "prdp")
 TASKS = {  # name -> (teacher variant, reward spec, target of a sample with label y, PRDP's beta)
@@ -148,18 +148,13 @@ def score(params, teacher, sampler, reward, target_of, evaluator, real, classes=
             "pixel_nn": round(_pixel_nn(images, targets, real_images, real_labels), 3)}, images
 
 
-def _distances(a, b):
-    import numpy as np
-
-    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
-    d2 = np.sum(a ** 2, 1)[:, None] + np.sum(b ** 2, 1)[None] - 2 * a @ b.T
-    return np.sqrt(np.maximum(d2, 0))
-
-
 def _pairwise(images):
     import numpy as np
 
-    return float(_distances(images, images)[np.triu_indices(len(images), 1)].mean())
+    flat = images.reshape(len(images), -1).astype(np.float64)
+    sq = np.sum(flat ** 2, 1)
+    d2 = np.maximum(sq[:, None] + sq[None] - 2 * flat @ flat.T, 0)
+    return float(np.sqrt(d2)[np.triu_indices(len(flat), 1)].mean())
 
 
 def _pixel_nn(images, targets, real_images, real_labels):
@@ -172,10 +167,8 @@ def _pixel_nn(images, targets, real_images, real_labels):
     sample, real = [], []
     for c in np.unique(targets):
         own = real_images[real_labels == c]
-        sample.append(_distances(images[targets == c], own).min(1))
-        self_distances = _distances(own, own)
-        np.fill_diagonal(self_distances, np.inf)
-        real.append(self_distances.min(1))
+        sample.append(nearest_distances(images[targets == c], own))
+        real.append(nearest_distances(own, own, exclude_self=True))
     return float(np.mean(np.concatenate(sample)) / np.mean(np.concatenate(real)))
 
 
@@ -226,6 +219,10 @@ def main():
     parser.add_argument("--replot", action="store_true", help="only rebuild the CSVs and the plot of OUT's runs")
     parser.add_argument("--rescore", action="store_true", help="score OUT's finished runs again (no training)")
     args = parser.parse_args()
+    if (args.replot or args.rescore) and not os.path.exists(os.path.join(args.out or os.path.join(OUT, args.task),
+                                                                         "scores.csv")):
+        parser.error(f"--replot / --rescore read the scores.csv of finished runs: none in "
+                     f"{args.out or os.path.join(OUT, args.task)}")
     if args.replot:
         return replot(args.out or os.path.join(OUT, args.task))
     names = [n for n in args.only.split(",") if n]

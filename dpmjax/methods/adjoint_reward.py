@@ -100,8 +100,10 @@ def build(config, teacher: Teacher) -> Program:
     shape, num_classes = teacher.image_shape, teacher.num_classes
     tx = optim.make_optimizer(total_steps=int(config.train.num_steps), **config.optim.to_dict())
     ema_decay = float(config.train.get("ema_decay", 0.0))
+    # check_finite off: a NaN loss or gradient already stops the loop (non-finite scalars: loss, grad_norm)
+    # before anything is saved, without a reduction over every gradient and a host callback in each update
     options = dict(schedule=schedule, method=m["adjoint"], wrt=("params",), num_steps=steps, solver=_solver(m),
-                   spacing=m["spacing"], prediction=prediction, has_aux=True)
+                   spacing=m["spacing"], prediction=prediction, has_aux=True, check_finite=False)
 
     def init(frozen, key):
         params = jax.tree.map(jnp.copy, frozen["teacher"])

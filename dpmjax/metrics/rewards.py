@@ -32,12 +32,14 @@ class RewardError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Reward:
-    """``fn(params, images, labels) -> [B] float32`` and its frozen ``params``."""
+    """``fn(params, images, labels) -> [B] float32`` and its frozen ``params``; ``per_label``: it scores each
+    sample against its own class (so the model must be class-conditional)."""
 
     name: str
     fn: Callable
     params: Any = None
     differentiable: bool = False
+    per_label: bool = False
 
     def __call__(self, images, labels):
         return self.fn(self.params, images, labels)
@@ -139,7 +141,7 @@ def classifier_reward(metric, target: int | None = None, *, kind: str = "log_pro
         raise ValueError(f"shift must be an integer, applied to the sample's own label (target None), got {shift!r}")
     own = "label" if shift == 0 else "next" if shift == 1 else f"label+{shift}"
     name = f"classifier_{kind}:{metric.dataset}:" + (own if target is None else str(target))
-    return Reward(name=name, fn=reward_fn, params=metric.params, differentiable=True)
+    return Reward(name=name, fn=reward_fn, params=metric.params, differentiable=True, per_label=target is None)
 
 
 def sum_rewards(terms: Sequence[tuple[Reward, float]]) -> Reward:
@@ -158,13 +160,14 @@ def sum_rewards(terms: Sequence[tuple[Reward, float]]) -> Reward:
         return sum(w * fn(p, images, labels).astype(jnp.float32) for w, fn, p in zip(weights, fns, params))
 
     return Reward(name=" + ".join(f"{w:g} {r.name}" for r, w in terms), fn=reward_fn,
-                  params=tuple(r.params for r, _ in terms), differentiable=all(r.differentiable for r, _ in terms))
+                  params=tuple(r.params for r, _ in terms), differentiable=all(r.differentiable for r, _ in terms),
+                  per_label=any(r.per_label for r, _ in terms))
 
 
 def check_conditioning(reward: Reward, spec, num_classes: int | None) -> None:
     """ValueError when ``reward`` scores each sample against its own class (``label``, ``next``) but the model is
     unconditional (``num_classes`` None): its samples have no class."""
-    if num_classes is None and any(f":{own}" in reward.name for own in ("label", "next")):
+    if num_classes is None and reward.per_label:
         raise ValueError(f"config.method.reward {spec!r} scores each sample against its own class, but the teacher "
                          f"is unconditional: give a target class (classifier:DATASET:TARGET)")
 

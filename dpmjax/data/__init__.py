@@ -19,7 +19,7 @@ from dpmjax.data.pipeline import (ArraySource, BatchIterator, DataSource, batch_
                                   initial_state, materialize, plan_batch)
 from dpmjax.data.tfds_source import load_tfds
 
-DATASET_NAMES = ("digits", "fashion_mnist", "tfds:<name>", "folder:<path>", "idx:<dir>")
+DATASET_NAMES = ("digits", "fashion_mnist", "tfds:<name>", "folder:<path>", "idx:<dir>", "style:<dataset>:<transform>")
 
 
 def _folder(root: str, split: str, **kwargs) -> ImageFolderSource:
@@ -39,7 +39,8 @@ def get_dataset(name: str, split: str = "train", **kwargs) -> DataSource:
       name: ``"digits"`` (scikit-learn's bundled 8x8 digits), ``"fashion_mnist"`` (idx files, default
         ``/usr/share/datasets/fashion-mnist``; kwargs ``data_dir``), ``"tfds:<name>"`` (kwargs ``backend``,
         ``data_dir``, ``download``, ``image_key``, ``label_key``, ``image_size``), ``"folder:<path>"`` (kwargs
-        ``image_size``, ``channels``, ``in_memory``) or ``"idx:<dir>"`` (any MNIST-layout idx folder).
+        ``image_size``, ``channels``, ``in_memory``), ``"idx:<dir>"`` (any MNIST-layout idx folder) or
+        ``"style:<dataset>:<transform>"`` (a dataset in a style-transformed domain, ``dpmjax.data.few_shot``).
       split: ``"train"`` or ``"test"`` (``"all"`` for digits; any TFDS split string for tfds).
     """
     if name == "digits":
@@ -50,6 +51,9 @@ def get_dataset(name: str, split: str = "train", **kwargs) -> DataSource:
         return load_tfds(name[5:], split, **kwargs)
     if name.startswith("folder:") and len(name) > 7:
         return _folder(name[7:], split, **kwargs)
+    if name.startswith("style:"):
+        from dpmjax.data.few_shot import load_style
+        return load_style(name, split, **kwargs)
     if name.startswith("idx:") and len(name) > 4:
         return load_idx_dataset(name[4:], split, name=name, **kwargs)
     raise ValueError(f"unknown dataset {name!r}; known: {DATASET_NAMES}")

@@ -24,6 +24,7 @@ METHOD_MODULES = {
     "prdp": "dpmjax.methods.prdp",
     "ddpo": "dpmjax.methods.ddpo",
     "adjoint_reward": "dpmjax.methods.adjoint_reward",
+    "full_finetune": "dpmjax.methods.full_finetune",
 }
 METHODS = tuple(METHOD_MODULES)
 

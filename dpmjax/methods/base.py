@@ -118,6 +118,10 @@ class Program:
         settings ``dpmjax sample`` uses) or ``{"train": {"target": "x0"}}`` when the student predicts another
         quantity than the teacher.
       needs_data: whether ``update`` reads real batches.
+      student_reads_frozen: ``student`` is ``student(state, use_ema, frozen)``: the output network is made of the
+        state *and* the frozen teacher (LoRA adapters merged into the teacher's weights, a side network beside
+        the quantised teacher), so a checkpoint stores only what was trained; ``load_student`` then loads the
+        teacher from ``config.teacher.workdir``.
     """
 
     init: Callable
@@ -127,6 +131,7 @@ class Program:
     metric_names: tuple
     output: dict = dataclasses.field(default_factory=dict)
     needs_data: bool = True
+    student_reads_frozen: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,7 +41,7 @@ from dpmjax.train.loop import build_data, resume_or_init, run_steps, validate_tr
 from dpmjax.train.step import accumulate, init_metrics, tree_all_finite
 
 __all__ = ["FinetuneState", "finetune", "validate_run", "make_finetune_step", "output_config", "load_student",
-           "restore_method_state", "check_teacher"]
+           "restore_method_state", "check_teacher", "frozen_of"]
 
 
 @struct.dataclass
@@ -240,6 +240,22 @@ def restore_method_state(config, workdir: str, *, step: int | None = None):
 
 
 def load_student(config, workdir: str, *, step: int | None = None, use_ema: bool = True):
-    """The student's variables of a method workdir (its ``config.json`` read as ``config``)."""
+    """The student's variables of a method workdir (its ``config.json`` read as ``config``); a program whose
+    student reads the frozen teacher (``Program.student_reads_frozen``: LoRA, QST) loads the teacher's workdir
+    recorded in ``config.teacher``."""
     program, _, method_state = restore_method_state(config, workdir, step=step)
-    return program.student(method_state, use_ema)
+    if not program.student_reads_frozen:
+        return program.student(method_state, use_ema)
+    return program.student(method_state, use_ema, frozen_of(config))
+
+
+def frozen_of(config):
+    """The frozen arrays of a method workdir's program, rebuilt on its real teacher (``config.teacher.workdir``)."""
+    from dpmjax.methods import get_method
+    from dpmjax.workdir import load_teacher
+
+    where = config.teacher.get("workdir")
+    if not where or not os.path.isdir(where):
+        raise ValueError(f"method {config.method.name!r} stores only what it trained: its teacher's workdir "
+                         f"{where!r} (config.json 'teacher') is needed to sample it and was not found")
+    return get_method(config.method.name).build(config, load_teacher(where)).frozen

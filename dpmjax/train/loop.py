@@ -54,7 +54,12 @@ from dpmjax.train.step import make_train_step
 def build_data(config, split: str = "train"):
     from dpmjax.data import get_dataset
 
-    return get_dataset(config.data.name, split, **dict(config.data.get("kwargs", {})))
+    source = get_dataset(config.data.name, split, **dict(config.data.get("kwargs", {})))
+    shots = config.data.get("shots")
+    if shots is not None:  # few-shot adaptation: the first `shots` images (dpmjax.data.few_shot)
+        from dpmjax.data.few_shot import take_shots
+        source = take_shots(source, shots)
+    return source
 
 
 def _apply_fn(model, schedule):

@@ -66,10 +66,9 @@ def load_style(spec: str, split: str = "train", **kwargs) -> ArraySource:
     from dpmjax.data import get_dataset
     from dpmjax.metrics.domain import all_images
 
-    parts = spec.split(":")
-    if len(parts) != 3 or parts[0] != "style" or not parts[1]:
+    dataset, _, transform = spec[len("style:"):].rpartition(":") if spec.startswith("style:") else ("", "", "")
+    if not dataset:
         raise ValueError(f"expected style:DATASET:TRANSFORM (TRANSFORM one of {TRANSFORMS}), got {spec!r}")
-    _, dataset, transform = parts
     if transform not in TRANSFORMS:
         raise ValueError(f"{spec}: unknown style transform {transform!r}; choose one of {TRANSFORMS}")
     source = get_dataset(dataset, split, **kwargs)

@@ -120,23 +120,27 @@ def student_program(config, teacher: Teacher, *, init: Callable, loss: Callable,
                    student_reads_frozen=student_reads_frozen)
 
 
-def adaptation_config(method: str, arg=None, **spec):
+def adaptation_config(method: str, arg=None, *, target: str = "style:digits:invert", steps: int = 300, **spec):
     """The unlocked config every adaptation method's ``configs/methods/<method>.py`` starts from, and the parsed
     variants: ``target=SPEC`` (dataset name of the target images, default the 10-shot inverted digits),
-    ``shots=K``, ``steps=N``, ``runlocal`` (a 4-update smoke run) and the method's own ``spec``.
+    ``shots=K``, ``steps=N``, ``runlocal`` (a 4-update smoke run) and the method's own ``spec``; ``target`` and
+    ``steps`` give the variants' defaults.
 
-    The defaults adapt the digits teacher (8x8): ``data.image_shape`` says the target images fit it (set it for
-    another teacher); batch 8 of the 10 shots; Adam 5e-4, constant, 300 updates, no EMA.
+    The defaults adapt the digits teacher (8x8): ``data.image_shape`` says the target images fit it, and a
+    ``folder:`` target is read as 1-channel 8x8 images (``data.kwargs``; set both for another teacher); batch 8
+    of the 10 shots; Adam 5e-4, constant, 300 updates, no EMA.
     """
     import ml_collections
 
     from dpmjax.config import parse_arg
 
-    arg = parse_arg(arg, target="style:digits:invert", shots=10, steps=300, runlocal=False, **spec)
+    arg = parse_arg(arg, target=target, shots=10, steps=steps, runlocal=False, **spec)
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.method = dict(name=method)
     c.data = dict(name=arg.target, shots=arg.shots, batch_size=min(8, arg.shots), image_shape=(8, 8, 1))
+    if arg.target.startswith("folder:"):  # your images, read in the teacher's channels and size
+        c.data.kwargs = dict(channels=1, image_size=8)
     c.optim = dict(learning_rate=5e-4, warmup_steps=0, decay="constant", weight_decay=0.0, grad_clip=1.0)
     c.train = dict(num_steps=arg.steps, log_every=25, checkpoint_every=100, keep_checkpoints=2, sharding="replicate",
                    ema_decay=0.0)

@@ -18,6 +18,11 @@
     dpmjax convert --from-diffusers DIR --out DIR [--scheduler-config FILE] [--overwrite]
         Convert a diffusers UNet2DModel folder (e.g. google/ddpm-cifar10-32) into a dpmjax checkpoint folder
         that ``sample`` / ``eval --workdir`` and ``dpmjax.workdir.load_params`` read.
+    dpmjax finetune --method NAME --teacher DIR --workdir DIR [--config configs/methods/NAME.py[:VARIANT]]
+        Run a finetuning / distillation / adaptation method (``dpmjax.methods``) on a trained workdir.
+    dpmjax delta prune --base DIR --finetuned DIR --p P --variant dare|dare_q|dare_q_analytic|magnitude --out DIR
+        DARE / DAREx / magnitude pruning of finetuned - base (``dpmjax.methods.dare``): a sparse delta file and a
+        workdir of base + pruned delta that ``sample`` / ``eval`` read.
 
 Class-conditional workdirs (``config.model.num_classes``) sample the classes of ``--labels`` (default: every
 class in turn), repeated to fill the batch, with classifier-free guidance at ``--guidance-scale`` (default
@@ -685,6 +690,109 @@ def cmd_solvers(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ delta prune
+
+def cmd_delta_prune(args) -> int:
+    """`dpmjax delta prune`: DARE / DAREx / magnitude pruning of finetuned - base (``dpmjax.methods.dare``)."""
+    import jax
+
+    from dpmjax.methods import dare
+    from dpmjax.workdir import checkpoint_steps, load_config_of, load_params
+
+    try:
+        p = dare.check_rate(args.p)
+    except ValueError as err:
+        raise UsageError(f"--p: {err}") from None
+    if args.q is not None and args.variant != "dare_q":
+        raise UsageError(f"--q applies to --variant dare_q (the given rescale 1/q), not {args.variant}")
+    if args.q is not None and not (1.0 - p - 1e-9 <= args.q <= 1.0):
+        raise UsageError(f"--q {args.q:g}: q must be in [1 - p, 1] = [{1.0 - p:g}, 1]")
+    if args.eta is not None and args.variant != "dare_q_analytic":
+        raise UsageError(f"--eta applies to --variant dare_q_analytic, not {args.variant}")
+    if args.eta is not None and not args.eta > 0:
+        raise UsageError(f"--eta {args.eta:g}: eta must be positive")
+    out = _check_output_dir(args.out, "--out")
+    if os.path.exists(out):
+        raise UsageError(f"--out {out} already exists: write the pruned model to a new folder")
+    configs = {}
+    for flag, workdir in (("--base", args.base), ("--finetuned", args.finetuned)):
+        try:
+            configs[flag] = load_config_of(workdir)
+            checkpoint_steps(workdir)
+        except FileNotFoundError as err:
+            raise UsageError(f"{flag}: {err}") from None
+    try:
+        dare.check_same_architecture(dare.abstract_params_of(configs["--finetuned"]),
+                                     dare.abstract_params_of(configs["--base"]))
+    except ValueError as err:
+        raise UsageError(f"--base {args.base} and --finetuned {args.finetuned}: {err}") from None
+    needs_batch = args.variant == "dare_q_analytic" or (args.variant == "dare_q" and args.q is None)
+    if needs_batch:
+        from dpmjax.train.loop import build_data
+
+        if not configs["--finetuned"].get("data", {}).get("name"):
+            raise UsageError(f"--variant {args.variant} chooses q on a batch of the finetuned model's data, and "
+                             f"{args.finetuned} records no dataset (config.data.name); pass --q or use --variant dare")
+        build_data(configs["--finetuned"])  # a missing folder / too few shots fails here, before loading
+    model, base, schedule, _ = load_params(args.base)
+    _, finetuned, _, _ = load_params(args.finetuned)
+    _check_finite_params(base, args.base, checkpoint_steps(args.base)[-1])
+    _check_finite_params(finetuned, args.finetuned, checkpoint_steps(args.finetuned)[-1])
+    start = time.perf_counter()
+    calibration = (dare.calibration_batch(configs["--finetuned"], jax.random.key(args.seed + 1))
+                   if needs_batch else None)
+    dense = tuple(args.keep_dense or ())
+    pruned, info = dare.prune_workdirs(base, finetuned, variant=args.variant, p=p, seed=args.seed, q=args.q,
+                                       eta=args.eta, model=model, schedule=schedule, calibration=calibration,
+                                       dense=dense)
+    sparse = dare.sparsify(pruned, info={**info, "keep_dense": list(dense)}, dense=dense)
+    merged = dare.apply(base, sparse)
+    size, out = dare.write_pruned_workdir(out, finetuned_config=configs["--finetuned"], merged=merged, sparse=sparse,
+                                          sources={"base": os.path.abspath(args.base),
+                                                   "finetuned": os.path.abspath(args.finetuned)})
+    total = sum(int(leaf.values.size) for leaf in sparse.leaves.values())
+    count = sum(int(jax.numpy.size(leaf)) for leaf in jax.tree.leaves(pruned))
+    scale = f", q={info['q']:.4g}" if "q" in info else (f", eta={info['eta']:.3g}, per-layer q in "
+                                                          f"[{info['q_min']:.3g}, {info['q_max']:.3g}]"
+                                                          if "eta" in info else "")
+    print(f"{args.variant} p={p:g}{scale}: kept {total:,} of {count:,} delta entries ({total / max(count, 1):.2%}) "
+          f"in {time.perf_counter() - start:.1f} s")
+    print(f"sparse delta {os.path.join(out, dare.DELTA_FILE)}: {size:,} bytes (dense: {dare.dense_nbytes(sparse):,} "
+          f"bytes, {size / max(dare.dense_nbytes(sparse), 1):.1%})")
+    print(f"wrote {out}; sample it with: dpmjax sample --workdir {out}")
+    return 0
+
+
+def _add_delta_parser(sub, kw):
+    from dpmjax.methods.dare import VARIANTS
+
+    d = sub.add_parser("delta", help="operations on the delta between a finetuned workdir and its base",
+                       description="Operations on finetuned - base (dpmjax/methods/dare.py).", **kw)
+    ops = d.add_subparsers(dest="delta_command", parser_class=_Parser, required=True)
+    p = ops.add_parser("prune", help="DARE / DAREx / magnitude pruning of the delta, stored sparsely",
+                       description="Prune d = finetuned - base and write OUT/delta.npz (indices or bit mask + values) "
+                                   "and a workdir holding base + pruned delta (`dpmjax sample --workdir OUT`). "
+                                   "Variants: dare (drop with prob. p, rescale 1/(1-p)); dare_q (DAREx-q: rescale "
+                                   "1/q, q given by --q or chosen on one batch of the finetuned data by the output "
+                                   "change); dare_q_analytic (DAREx per-layer analytic q); magnitude (keep the top "
+                                   "1-p of |d| per tensor).", **kw)
+    p.add_argument("--base", required=True, help="the pretrained workdir (theta_pre)")
+    p.add_argument("--finetuned", required=True, help="the finetuned workdir (same architecture)")
+    p.add_argument("--p", required=True, type=_type(lambda t: float(t), "a number"), metavar="P",
+                   help="drop rate in [0, 1)")
+    p.add_argument("--variant", required=True, choices=VARIANTS, help="pruning variant")
+    p.add_argument("--q", type=_type(lambda t: float(t), "a number"), default=None,
+                   help="dare_q: the rescale q in [1-p, 1] (default: chosen on one batch by the output change)")
+    p.add_argument("--eta", type=_type(lambda t: float(t), "a number"), default=None,
+                   help="dare_q_analytic: eta of the analytic objective (default: chosen on one batch)")
+    p.add_argument("--keep-dense", type=name_list, default=None, metavar="S[,S...]",
+                   help="leaves whose path contains one of these substrings (e.g. norm) are kept whole, unpruned "
+                        "(default: prune every floating leaf, as DARE)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the drop mask and the calibration batch")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; must not exist)")
+    p.set_defaults(func=cmd_delta_prune)
+
+
 # ------------------------------------------------------------------------------------------------ the parser
 
 def _add_sampling_flags(p, *, oracle: bool):
@@ -818,6 +926,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples per compiled batch (rounded up to a multiple of the device count)")
     _add_training_flags(q)
     q.set_defaults(func=cmd_quickstart, takes_extra=True)
+    _add_delta_parser(sub, kw)
     return parser
 
 

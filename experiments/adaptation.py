@@ -8,7 +8,7 @@ of a style-shifted digit domain (issue 16; dpmjax/data/few_shot.py, dpmjax/metri
 Source: the unconditional digits teacher of every method experiment (``_teachers.teacher_workdir("digits")``,
 v-prediction UNet, 173k parameters). Target: the first 10 images (one per digit) of ``style:digits:TRANSFORM``;
 held out: the other 1787 digits in that style. Each method runs ``dpmjax.methods.finetune`` with its
-``configs/methods/<method>.py`` (the 10 shots, batch 8, Adam ``--lr``) and is evaluated at the updates of
+``configs/methods/<method>.py`` (the 10 shots, batch 8, Adam at the config's rate or ``--lr``) and is evaluated at the updates of
 ``--eval-at`` on ``--num`` samples (fixed noise, the workdir's sampler: DPM-Solver++(2M), 10 NFE, Karras grid):
 
   fd               Frechet distance to the held-out target images, in the seed-0 digits classifier's features of
@@ -31,10 +31,10 @@ import os
 import shutil
 import time
 
+from _adaptation import grid, sampler, target_features
 from _teachers import ROOT, teacher_workdir
 
 OUT = os.path.join(ROOT, "results", "adaptation")
-INVERSES = {"invert": "invert", "mirror": "mirror", "none": "none"}  # transforms that undo themselves
 RUNS = {  # run name -> (method, extra config variant)
     "full_finetune": ("full_finetune", ""),
     "domainstudio": ("domainstudio", ""),
@@ -44,60 +44,14 @@ RUNS = {  # run name -> (method, extra config variant)
 }
 
 
-def _sampler(teacher, settings):
-    """jitted (params, x_T) -> samples in [-1, 1] with the workdir's sampler settings."""
-    import jax
-    import jax.numpy as jnp
-
-    from dpmjax.samplers.driver import plan, sample
-
-    apply_fn = teacher.apply_fn()
-    times = plan(teacher.schedule, settings["solver"], nfe=settings["nfe"], spacing=settings["spacing"]).grid["t"]
-
-    @jax.jit
-    def run(params, x_T):
-        x_0 = sample(lambda x, t: apply_fn(params, x, t), x_T, schedule=teacher.schedule, solver=settings["solver"],
-                     timesteps=times, prediction=teacher.prediction)
-        return jnp.clip(x_0, -1.0, 1.0)
-
-    return run
-
-
-def _features(transform):
-    import jax
-    import numpy as np
-
-    from dpmjax.data.few_shot import style_transform
-    from dpmjax.metrics.features import feature_network
-
-    net = feature_network("classifier:digits", image_shape=(8, 8, 1))
-    apply = jax.jit(net.apply)
-    inverse = INVERSES.get(transform, "none")
-    return lambda images: np.asarray(apply(net.params, style_transform(np.asarray(images), inverse)))
-
-
-def _grid(images, path, columns=16):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    images = np.asarray(images)[:columns * 4]
-    rows = int(np.ceil(len(images) / columns))
-    canvas = np.ones((rows * 9, columns * 9))
-    for i, image in enumerate(images):
-        r, c = divmod(i, columns)
-        canvas[r * 9:r * 9 + 8, c * 9:c * 9 + 8] = (image[..., 0] + 1) / 2
-    plt.imsave(path, canvas, cmap="gray", vmin=0, vmax=1)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--transform", default="invert", choices=("invert", "mirror", "dilate"))
     parser.add_argument("--shots", type=int, default=10)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--eval-at", default="100,300,1000")
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=None, help="Adam's learning rate of every run (default: each "
+                        "method config's: 5e-4 full finetuning / DomainStudio, 2e-3 LoRA / QST)")
     parser.add_argument("--num", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0, help="config.seed of every run (data order, noise)")
     parser.add_argument("--only", default="", help=f"comma-separated runs of {list(RUNS)} (default: all whose "
@@ -124,7 +78,7 @@ def main():
     runs = [run for run in runs if RUNS[run][0] in dpmjax.methods.METHOD_MODULES]
     teacher = load_teacher(teacher_workdir("digits"))
     target = few_shot_target("digits", args.transform, args.shots)
-    features = _features(args.transform)
+    features = target_features(args.transform)
     x_T = jax.random.normal(jax.random.key(1234), (args.num, *teacher.image_shape))
     rows = []
 
@@ -133,22 +87,24 @@ def main():
         rows.append({"run": run, "step": step, **{k: round(v, 4) if isinstance(v, float) else v
                                                    for k, v in scores.items()}, "train_s": round(seconds, 1)})
         print(rows[-1], flush=True)
-        _grid(samples, os.path.join(out, f"grid_{run}_{step}.png"))
+        grid(samples, os.path.join(out, f"grid_{run}_{step}.png"))
 
-    sampler = _sampler(teacher, sample_settings(teacher.config))
-    record("source", 0, sampler(teacher.params, x_T))
+    settings = sample_settings(teacher.config)
+    source_sampler = sampler(teacher.model, teacher.schedule, teacher.prediction, settings)
+    record("source", 0, source_sampler(teacher.params, x_T))
     rng = np.random.default_rng(0)
     record("heldout", 0, target.heldout[rng.choice(len(target.heldout), min(args.num, len(target.heldout)),
                                                    replace=False)])
     record("copies", 0, target.shots[rng.integers(0, args.shots, args.num)])  # a perfect memoriser
-    _grid(target.shots, os.path.join(out, "shots.png"), columns=args.shots)
+    grid(target.shots, os.path.join(out, "shots.png"), columns=args.shots)
     for run in runs:
         method, variant = RUNS[run]
         config = load_config(os.path.join(configs_dir(), "methods", f"{method}.py") +
                              f":target=style:digits:{args.transform},shots={args.shots},steps={args.steps}" +
                              (f",{variant}" if variant else ""))
         with config.unlocked():
-            config.optim.learning_rate = args.lr
+            if args.lr is not None:
+                config.optim.learning_rate = args.lr
             config.seed = args.seed
             config.train.update(checkpoint_every=min(eval_at), keep_checkpoints=len(eval_at) + args.steps)
         workdir = os.path.join(out, "runs", run)
@@ -156,9 +112,11 @@ def main():
         start = time.time()
         dpmjax.methods.finetune(method, teacher, config, workdir, quiet=True)
         seconds = time.time() - start
+        run_sampler = None
         for step in eval_at:
-            _, params, _, _ = load_params(workdir, step=step)
-            record(run, step, sampler(params, x_T), seconds if step == args.steps else float("nan"))
+            model, params, _, _ = load_params(workdir, step=step)
+            run_sampler = run_sampler or sampler(model, teacher.schedule, teacher.prediction, settings)  # QST: own net
+            record(run, step, run_sampler(params, x_T), seconds if step == args.steps else float("nan"))
     with open(os.path.join(out, "scores.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

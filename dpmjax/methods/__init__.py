@@ -25,6 +25,9 @@ METHOD_MODULES = {
     "ddpo": "dpmjax.methods.ddpo",
     "adjoint_reward": "dpmjax.methods.adjoint_reward",
     "full_finetune": "dpmjax.methods.full_finetune",
+    "lora": "dpmjax.methods.lora",
+    "qst": "dpmjax.methods.qst",
+    "domainstudio": "dpmjax.methods.domainstudio",
 }
 METHODS = tuple(METHOD_MODULES)
 

@@ -74,14 +74,15 @@ def noised(batch, key, schedule, prediction: str):
     return losses.diffuse(x0, t, noise, schedule), t, losses.target_for(x0, noise, t, schedule, prediction)
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-    """``dpmjax.train.optim.make_optimizer`` from ``config.optim`` over ``config.train.num_steps``."""
-    return optim.make_optimizer(total_steps=int(config.train.num_steps), **config.optim.to_dict())
+def make_optimizer(config, **overrides) -> optax.GradientTransformation:
+    """``dpmjax.train.optim.make_optimizer`` from ``config.optim`` (updated by ``overrides``) over
+    ``config.train.num_steps``."""
+    return optim.make_optimizer(total_steps=int(config.train.num_steps), **{**config.optim.to_dict(), **overrides})
 
 
 def student_program(config, teacher: Teacher, *, init: Callable, loss: Callable, student: Callable, frozen,
                     metric_names=(), output=None, tx: optax.GradientTransformation | None = None,
-                    student_reads_frozen: bool = False) -> Program:
+                    optimizer_args: Callable | None = None, student_reads_frozen: bool = False) -> Program:
     """A ``Program`` that trains one pytree by gradient descent on ``loss``.
 
     Args:
@@ -91,6 +92,8 @@ def student_program(config, teacher: Teacher, *, init: Callable, loss: Callable,
         ``student(trainable) -> variables`` (the trainable pytree is the network: plain finetuning).
       frozen: what the update reads and never changes (``Program.frozen``).
       tx: the optimizer (default ``make_optimizer(config)``).
+      optimizer_args: ``optimizer_args(frozen) -> dict`` of extra arguments of ``tx.update`` (AdamR's ``anchor``:
+        the frozen teacher, ``dpmjax.train.adamr``).
     The update returns ``loss``'s scalars plus "loss" and "grad_norm"; the EMA follows ``train.ema_decay``.
     """
     tx = make_optimizer(config) if tx is None else tx
@@ -103,7 +106,8 @@ def student_program(config, teacher: Teacher, *, init: Callable, loss: Callable,
 
     def update(state: StudentState, batch, frozen, key):
         (value, scalars), grads = jax.value_and_grad(loss, has_aux=True)(state.params, frozen, batch, key)
-        params, opt_state = optim.optimizer_step(tx, grads, state.opt_state, state.params)
+        extra = optimizer_args(frozen) if optimizer_args is not None else {}
+        params, opt_state = optim.optimizer_step(tx, grads, state.opt_state, state.params, **extra)
         ema = ema_update(state.ema_params, params, ema_decay_at(state.step, ema_decay))
         new = StudentState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
         return new, {"loss": value, **scalars, "grad_norm": optax.tree.norm(grads)}

@@ -24,7 +24,7 @@ __all__ = ["UNet", "DiT", "Classifier", "drop_labels", "timestep_embedding", "co
            "init_variables", "network_time", "make_model_fn", "make_cfg_model_fn", "make_apply_fn",
            "make_cfg_apply_fn", "build_model", "init_params", "MODEL_KINDS"]
 
-MODEL_KINDS = ("unet", "dit", "diffusers_unet")
+MODEL_KINDS = ("unet", "dit", "diffusers_unet", "qst")
 
 
 def build_model(model_config):
@@ -32,6 +32,9 @@ def build_model(model_config):
     the compute dtype)."""
     kwargs = dict(model_config)
     kind = kwargs.pop("kind", None)
+    if kind == "qst":  # a frozen backbone and its QST side network (dpmjax.nn.side; written by `--method qst`)
+        from dpmjax.nn.side import QSTModel
+        return QSTModel.from_config(kwargs)
     kwargs["dtype"] = jnp.bfloat16 if kwargs.pop("bfloat16", False) else jnp.float32
     if kind == "unet":
         return UNet(**kwargs)

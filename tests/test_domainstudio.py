@@ -10,6 +10,7 @@ import pytest
 
 from dpmjax.config import configs_dir, load_config
 from dpmjax.methods import domainstudio
+from dpmjax.nn.wavelets import haar_dwt
 
 
 def method_config(name, variant="runlocal", **overrides):
@@ -25,15 +26,15 @@ def test_haar_dwt_equals_the_official_stride_2_depthwise_convolution():
     """get_wave's filters L^T L, L^T H, H^T L, H^T H (L = [1, 1]/sqrt2, H = [-1, 1]/sqrt2) as a stride-2 conv."""
     x = jax.random.normal(jax.random.key(0), (2, 8, 6, 3))
     low, high = np.array([1.0, 1.0]) / np.sqrt(2), np.array([-1.0, 1.0]) / np.sqrt(2)
-    for band, (rows, cols) in zip(domainstudio.haar_dwt(x), [(low, low), (low, high), (high, low), (high, high)]):
+    for band, (rows, cols) in zip(haar_dwt(x), [(low, low), (low, high), (high, low), (high, high)]):
         kernel = np.outer(rows, cols)[:, :, None, None] * np.ones((1, 1, 1, 3))  # HWIO, depthwise
         oracle = jax.lax.conv_general_dilated(x, jnp.asarray(kernel, x.dtype), (2, 2), "VALID",
                                               dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=3)
         np.testing.assert_allclose(band, oracle, atol=1e-5)
-    energy = sum(jnp.sum(b ** 2) for b in domainstudio.haar_dwt(x))  # orthonormal: Parseval
+    energy = sum(jnp.sum(b ** 2) for b in haar_dwt(x))  # orthonormal: Parseval
     np.testing.assert_allclose(energy, jnp.sum(x ** 2), rtol=1e-5)
     with pytest.raises(ValueError, match="even"):
-        domainstudio.haar_dwt(jnp.zeros((1, 7, 8, 1)))
+        haar_dwt(jnp.zeros((1, 7, 8, 1)))
 
 
 def test_relative_distance_kl_equals_a_loop_over_anchors():

@@ -139,6 +139,8 @@ def adaptation_config(method: str, arg=None, *, target: str = "style:digits:inve
     from dpmjax.config import parse_arg
 
     arg = parse_arg(arg, target=target, shots=10, steps=steps, runlocal=False, **spec)
+    if arg.shots < 1:
+        raise ValueError(f"variant shots={arg.shots}: the number of target images must be >= 1")
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.method = dict(name=method)

@@ -14,7 +14,7 @@ x_t = alpha_t x_0 + sigma_t eps and read as x0-predictions x0_src, x0_ada (``dpm
   total (the official unconditional flags --pair_weight 4 --hf_pair_weight 4 --hf_mse_weight 1):
       L = L_simple + 4 L_sim + 4 L_hf_sim + 1 L_hf_mse.
 
-Haar DWT by ``haar_dwt`` in ``jnp``: the 2x2 stride-2 filters of the official ``get_wave`` (L = [1, 1]/sqrt2,
+Haar DWT by ``dpmjax.nn.wavelets.haar_dwt`` in ``jnp``: the 2x2 stride-2 filters of the official ``get_wave`` (L = [1, 1]/sqrt2,
 H = [-1, 1]/sqrt2, LH = L^T H, ...) are a reshape and four sums, so no wavelet package is needed: jaxwt 0.1.1
 (last release 2024-02) would add a dependency and its own padding conventions for ten lines that a test checks
 against the official depthwise convolution.
@@ -36,27 +36,12 @@ import numpy as np
 
 from dpmjax.methods import adaptation
 from dpmjax.methods.base import Method, Program, Teacher, method_settings
+from dpmjax.nn.wavelets import haar_dwt
 from dpmjax.parameterization import to_x0
 
 __all__ = ["METHOD", "build", "validate", "haar_dwt", "high_frequency", "relative_distance_kl", "domainstudio_terms"]
 
 DEFAULTS = dict(pair_weight=4.0, hf_pair_weight=4.0, hf_mse_weight=1.0, sim_size=0)
-
-
-def haar_dwt(x):
-    """One level of the 2D Haar DWT of [B, H, W, C] images (H, W even): (LL, LH, HL, HH), each [B, H/2, W/2, C].
-
-    With a, b the top-left / top-right and c, d the bottom-left / bottom-right pixels of each 2x2 block:
-    LL = (a + b + c + d) / 2, LH = (-a + b - c + d) / 2, HL = (-a - b + c + d) / 2, HH = (a - b - c + d) / 2
-    (the official filters L^T L, L^T H, H^T L, H^T H with L = [1, 1]/sqrt2, H = [-1, 1]/sqrt2, stride 2).
-    """
-    batch, height, width, channels = x.shape
-    if height % 2 or width % 2:
-        raise ValueError(f"the Haar DWT needs even image sides, got {height}x{width}")
-    blocks = x.reshape(batch, height // 2, 2, width // 2, 2, channels)
-    a, b = blocks[:, :, 0, :, 0], blocks[:, :, 0, :, 1]
-    c, d = blocks[:, :, 1, :, 0], blocks[:, :, 1, :, 1]
-    return (a + b + c + d) / 2, (-a + b - c + d) / 2, (-a - b + c + d) / 2, (a - b - c + d) / 2
 
 
 def high_frequency(x):

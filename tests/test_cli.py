@@ -245,11 +245,18 @@ def test_every_flag_has_help_with_its_default(capsys):
 
     parser = cli.build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
-    assert set(subparsers.choices) == {"quickstart", "train", "sample", "eval", "ems", "solvers", "convert", "finetune"}
-    for name, sub in subparsers.choices.items():
+    assert set(subparsers.choices) == {"quickstart", "train", "sample", "eval", "ems", "solvers", "convert", "finetune",
+                                       "delta"}
+    commands = dict(subparsers.choices)
+    for name, sub in list(commands.items()):  # nested commands: `dpmjax delta prune`
+        for action in sub._actions:  # noqa: SLF001
+            if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+                commands.update({f"{name} {nested}": parser for nested, parser in action.choices.items()})
+    assert "delta prune" in commands
+    for name, sub in commands.items():
         formatter = sub._get_formatter()  # noqa: SLF001
         for action in sub._actions:  # noqa: SLF001
-            if isinstance(action, argparse._HelpAction) or action.required:  # noqa: SLF001
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) or action.required:  # noqa: SLF001
                 continue
             text = formatter._get_help_string(action) or ""  # noqa: SLF001 - the text --help prints
             where = f"dpmjax {name} {'/'.join(action.option_strings)}"

@@ -28,6 +28,9 @@ METHOD_MODULES = {
     "lora": "dpmjax.methods.lora",
     "qst": "dpmjax.methods.qst",
     "domainstudio": "dpmjax.methods.domainstudio",
+    "spectral_distill": "dpmjax.methods.spectral_distill",
+    "sparse": "dpmjax.methods.sparse",
+    "early_exit": "dpmjax.methods.early_exit",
 }
 METHODS = tuple(METHOD_MODULES)
 

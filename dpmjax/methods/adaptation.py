@@ -82,7 +82,8 @@ def make_optimizer(config, **overrides) -> optax.GradientTransformation:
 
 def student_program(config, teacher: Teacher, *, init: Callable, loss: Callable, student: Callable, frozen,
                     metric_names=(), output=None, tx: optax.GradientTransformation | None = None,
-                    optimizer_args: Callable | None = None, student_reads_frozen: bool = False) -> Program:
+                    optimizer_args: Callable | None = None, student_reads_frozen: bool = False,
+                    replace_output: tuple = ()) -> Program:
     """A ``Program`` that trains one pytree by gradient descent on ``loss``.
 
     Args:
@@ -92,6 +93,7 @@ def student_program(config, teacher: Teacher, *, init: Callable, loss: Callable,
         ``student(trainable) -> variables`` (the trainable pytree is the network: plain finetuning).
       frozen: what the update reads and never changes (``Program.frozen``).
       tx: the optimizer (default ``make_optimizer(config)``).
+      replace_output: ``output`` sections that replace the teacher's whole (``Program.replace_output``).
       optimizer_args: ``optimizer_args(frozen) -> dict`` of extra arguments of ``tx.update`` (AdamR's ``anchor``:
         the frozen teacher, ``dpmjax.train.adamr``).
     The update returns ``loss``'s scalars plus "loss" and "grad_norm"; the EMA follows ``train.ema_decay``.
@@ -121,7 +123,7 @@ def student_program(config, teacher: Teacher, *, init: Callable, loss: Callable,
 
     return Program(init=init_state, update=update, frozen=frozen, student=student_fn,
                    metric_names=("loss", *metric_names, "grad_norm"), output=dict(output or {}), needs_data=True,
-                   student_reads_frozen=student_reads_frozen)
+                   student_reads_frozen=student_reads_frozen, replace_output=tuple(replace_output))
 
 
 def adaptation_config(method: str, arg=None, *, target: str = "style:digits:invert", steps: int = 300, **spec):

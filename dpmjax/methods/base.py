@@ -116,7 +116,9 @@ class Program:
       metric_names: the names of ``update``'s scalars.
       output: config sections of the output workdir over the teacher's, e.g. ``{"sample": {...}}`` (the
         settings ``dpmjax sample`` uses) or ``{"train": {"target": "x0"}}`` when the student predicts another
-        quantity than the teacher.
+        quantity than the teacher; each updates the teacher's section of that name, except those named in
+        ``replace_output``, which replace it whole (a student of another architecture: ``{"model": {...}}``
+        must not inherit the teacher's model fields).
       needs_data: whether ``update`` reads real batches.
       student_reads_frozen: ``student`` is ``student(state, use_ema, frozen)``: the output network is made of the
         state *and* the frozen teacher (LoRA adapters merged into the teacher's weights, a side network beside
@@ -132,6 +134,7 @@ class Program:
     output: dict = dataclasses.field(default_factory=dict)
     needs_data: bool = True
     student_reads_frozen: bool = False
+    replace_output: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)

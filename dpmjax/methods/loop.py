@@ -82,8 +82,9 @@ def output_config(method: str, config, teacher: Teacher, program: Program | None
         "seed": int(config.get("seed", 0)), "model": teacher_config["model"], "schedule": teacher_config["schedule"],
         "data": data, "train": train, "optim": _section(config, "optim"), "sample": sample,
         "method": dict(_section(config, "method"), name=method), "teacher": teacher_section(teacher)})
+    replace = set(program.replace_output) if program is not None else set()
     for name, fields in ((program.output if program is not None else {}) or {}).items():
-        if isinstance(fields, dict) and name in out and hasattr(out[name], "keys"):
+        if isinstance(fields, dict) and name in out and hasattr(out[name], "keys") and name not in replace:
             out[name].update(fields)
         else:
             out[name] = fields

@@ -9,6 +9,20 @@
 
 adaLN-Zero (paper Sec. 3.2): the modulation Dense layers start at zero, so every block starts as the
 identity and a fresh DiT outputs 0. Unlike the paper's learn_sigma option, the output has x's channel count.
+
+Early-exit heads (``exit_blocks``; ``dpmjax.methods.early_exit``, GO-LSD-style layer self-distillation after
+D-FINE, Peng et al. 2025): after block k (k in ``exit_blocks``, 1 <= k < depth) a head of the final layer's form,
+with its own params ``exit_{k}_adaLN`` / ``exit_{k}_linear``, predicts the output from the first k blocks:
+
+    out_k = Dense_k(LN(x_k) (1 + scale_k) + shift_k),   (shift_k, scale_k) = Dense_k(SiLU(c))
+
+``__call__(..., exit_at=k)`` runs blocks [0, k) and head k (``exit_at=depth`` or None: the full model);
+``return_exits=True`` runs the full model once and returns (final output, {k: out_k}) (training the heads).
+``init`` always runs the full depth and every head (it creates all params) whatever ``exit_at`` says.
+``exit_schedule`` = ((threshold, k), ...) makes a plain call pick the depth by the time input: a sample at network
+time t runs depth(t) = min({k : t > threshold} | {depth}) blocks (``exit_depth``), so ``dpmjax sample`` on such a
+model exits early at high noise without any sampler change. With ``exit_schedule=()`` and ``exit_at=None`` the
+call is the unmodified DiT, op for op (old checkpoints load and sample as before).
 """
 from __future__ import annotations
 
@@ -16,11 +30,12 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from dpmjax.nn.layers import (LabelEmbed, TimestepEmbed, attention_heads, dot_product_attention, layer_norm,
                               sincos_pos_embed_2d)
 
-__all__ = ["DiTBlock", "DiT"]
+__all__ = ["DiTBlock", "DiT", "exit_depth", "block_evaluations", "check_exits"]
 
 Dtype = Any
 
@@ -30,6 +45,52 @@ _xavier = nn.initializers.xavier_uniform()
 def _modulate(x, shift, scale):
     """LN(x) (1 + scale) + shift with per-sample [B, D] shift and scale over tokens [B, N, D]."""
     return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def _output_head(tokens, c, prefix, d, p, out_channels, kw):
+    """The final layer's form: LN(x) (1 + scale) + shift -> Dense_zero(p p C), params ``{prefix}_adaLN`` and
+    ``{prefix}_linear`` (``final_*`` is the full model's head, ``exit_{k}_*`` the exit heads)."""
+    shift, scale = jnp.split(nn.Dense(2 * d, kernel_init=nn.initializers.zeros, name=f"{prefix}_adaLN", **kw)(
+        nn.silu(c)), 2, axis=-1)
+    tokens = _modulate(layer_norm(kw["dtype"], kw["param_dtype"], f"{prefix}_norm", affine=False)(tokens), shift,
+                       scale)
+    return nn.Dense(p * p * out_channels, kernel_init=nn.initializers.zeros, name=f"{prefix}_linear", **kw)(tokens)
+
+
+def check_exits(depth: int, exit_blocks=(), exit_schedule=(), *, name: str = "model") -> None:
+    """ValueError naming ``{name}.exit_blocks`` / ``{name}.exit_schedule``: exit blocks must be distinct ints in
+    [1, depth - 1] and every scheduled exit one of them, with a finite threshold."""
+    blocks = tuple(exit_blocks)
+    for k in blocks:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= depth - 1:
+            raise ValueError(f"{name}.exit_blocks={list(blocks)}: every exit block must be an int in [1, depth - 1] "
+                             f"= [1, {depth - 1}] (the DiT has depth {depth}), got {k!r}")
+    if len(set(blocks)) != len(blocks):
+        raise ValueError(f"{name}.exit_blocks={list(blocks)} repeats a block")
+    for entry in exit_schedule:
+        if len(entry) != 2:
+            raise ValueError(f"{name}.exit_schedule entries are (threshold, exit_block) pairs, got {entry!r}")
+        threshold, k = entry
+        if k not in blocks:
+            raise ValueError(f"{name}.exit_schedule exits at block {k!r}, which is not in {name}.exit_blocks="
+                             f"{list(blocks)}")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not np.isfinite(threshold):
+            raise ValueError(f"{name}.exit_schedule threshold {threshold!r} must be a finite number")
+
+
+def exit_depth(exit_schedule, depth: int, t):
+    """Blocks a sample at network time ``t`` runs: depth(t) = min({k : t > threshold_k} | {depth}), int32 like t."""
+    t = jnp.asarray(t)
+    used = jnp.full(t.shape, depth, jnp.int32)
+    for threshold, k in exit_schedule:
+        used = jnp.where(t > threshold, jnp.minimum(used, k), used)
+    return used
+
+
+def block_evaluations(exit_schedule, depth: int, times) -> int:
+    """Transformer blocks evaluated by one sample over model calls at network times ``times`` (one per NFE):
+    sum_i depth(t_i) (``exit_depth``); the full model gives NFE x depth. Heads (one LN + Dense) are not counted."""
+    return int(np.sum(np.asarray(exit_depth(exit_schedule, depth, np.asarray(times, np.float32)))))
 
 
 class DiTBlock(nn.Module):
@@ -74,6 +135,10 @@ class DiT(nn.Module):
       label_dropout: probability of dropping a label to the null class when train=True (rng "dropout").
       freq_dim: width of the sinusoidal timestep features (DiT uses 256).
       out_channels: defaults to C.
+      exit_blocks: block counts k (1 <= k < depth) after which an exit head predicts the output (module docstring).
+      exit_schedule: ((threshold, k), ...) on the network's time scale: a plain call runs ``exit_depth(t)`` blocks
+        per sample (blocks no sample of the batch needs are skipped by ``nn.cond``; when the batch shares one t,
+        as in the samplers, the whole batch exits at that depth). Empty: always the full model.
       dtype / param_dtype: compute and parameter dtypes.
     """
 
@@ -86,11 +151,14 @@ class DiT(nn.Module):
     label_dropout: float = 0.0
     freq_dim: int = 256
     out_channels: int | None = None
+    exit_blocks: tuple = ()
+    exit_schedule: tuple = ()
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, t, y=None, context=None, train: bool = False):
+    def __call__(self, x, t, y=None, context=None, train: bool = False, exit_at: int | None = None,
+                 return_exits: bool = False):
         if x.ndim != 4:
             raise ValueError(f"DiT expects x of shape [B, H, W, C], got {x.shape}")
         b, height, width, channels = x.shape
@@ -105,6 +173,14 @@ class DiT(nn.Module):
         if t.shape not in ((), (b,)):
             raise ValueError(f"t must be a scalar or of shape [B] = [{b}], got {t.shape}")
         t = jnp.broadcast_to(t.astype(jnp.float32), (b,))
+        exit_blocks = tuple(int(k) for k in self.exit_blocks)
+        schedule = tuple((float(th), int(k)) for th, k in self.exit_schedule)
+        check_exits(self.depth, exit_blocks, schedule)
+        if exit_at is not None and exit_at != self.depth and exit_at not in exit_blocks:
+            raise ValueError(f"exit_at={exit_at!r}: the DiT has exit heads after blocks {list(exit_blocks)} and "
+                             f"depth {self.depth} (exit_at=None or {self.depth} is the full model)")
+        if return_exits and (exit_at is not None or not exit_blocks):
+            raise ValueError("return_exits=True needs exit_blocks and the full depth (exit_at=None)")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         d, gh, gw = self.hidden_size, height // p, width // p
         out_channels = self.out_channels or channels
@@ -118,13 +194,45 @@ class DiT(nn.Module):
             c = c + LabelEmbed(self.num_classes, d, self.label_dropout, embedding_init=nn.initializers.normal(0.02),
                                name="label_embed", **kw)(y, b, train)
 
-        for i in range(self.depth):
-            tokens = DiTBlock(self.num_heads, self.mlp_ratio, name=f"block_{i}", **kw)(tokens, c)
+        head = lambda tokens, prefix: _output_head(tokens, c, prefix, d, p, out_channels, kw)  # noqa: E731
+        initializing = self.is_initializing()
+        exits = {}
+        if exit_at is not None or not schedule or initializing or return_exits:
+            stop = self.depth if exit_at is None or initializing else int(exit_at)
+            for i in range(stop):
+                tokens = DiTBlock(self.num_heads, self.mlp_ratio, name=f"block_{i}", **kw)(tokens, c)
+                if (initializing or return_exits) and i + 1 in exit_blocks:  # init creates every head's params
+                    exits[i + 1] = head(tokens, f"exit_{i + 1}")
+            patches = head(tokens, "final" if stop == self.depth else f"exit_{stop}")
+        else:
+            patches = self._scheduled(tokens, c, t, schedule, head, kw)
 
-        shift, scale = jnp.split(nn.Dense(2 * d, kernel_init=nn.initializers.zeros, name="final_adaLN", **kw)(
-            nn.silu(c)), 2, axis=-1)
-        tokens = _modulate(layer_norm(self.dtype, self.param_dtype, "final_norm", affine=False)(tokens), shift, scale)
-        patches = nn.Dense(p * p * out_channels, kernel_init=nn.initializers.zeros, name="final_linear",
-                           **kw)(tokens)
-        out = patches.reshape(b, gh, gw, p, p, out_channels).transpose(0, 1, 3, 2, 4, 5)
-        return out.reshape(b, height, width, out_channels).astype(x.dtype)
+        def unpatchify(patches):
+            out = patches.reshape(b, gh, gw, p, p, out_channels).transpose(0, 1, 3, 2, 4, 5)
+            return out.reshape(b, height, width, out_channels).astype(x.dtype)
+
+        if return_exits:  # one pass, for training the heads: (final output, {k: exit k's output})
+            return unpatchify(patches), {k: unpatchify(v) for k, v in exits.items()}
+        return unpatchify(patches)
+
+    def _scheduled(self, tokens, c, t, schedule, head, kw):
+        """Blocks and head by ``exit_depth`` of each sample's t: block i runs (``nn.cond``) only when some sample
+        needs it, and a sample past its exit keeps its tokens (``where``); each sample takes its own head."""
+        used = exit_depth(schedule, self.depth, t)                        # [B] blocks per sample
+        first = min(k for _, k in schedule)
+        for i in range(self.depth):
+            block = DiTBlock(self.num_heads, self.mlp_ratio, name=f"block_{i}", **kw)
+            if i < first:
+                tokens = block(tokens, c)
+                continue
+            keep = (used > i)[:, None, None]
+
+            def run(module, tokens, c, keep=keep):
+                return jnp.where(keep, module(tokens, c), tokens)
+
+            tokens = nn.cond(jnp.any(used > i), run, lambda module, tokens, c: tokens, block, tokens, c)
+        exits = sorted({k for _, k in schedule})
+        patches = head(tokens, "final")
+        for k in exits:  # heads are one LN + Dense: evaluate each scheduled one and select per sample
+            patches = jnp.where((used == k)[:, None, None], head(tokens, f"exit_{k}"), patches)
+        return patches

@@ -12,6 +12,12 @@ Conditioning: emb = MLP(sinusoidal(t)) (+ a learned class embedding with a null 
 guidance) enters every ResBlock as a GroupNorm scale and shift, h = GN(h) (1 + s) + b (ADM's
 ``use_scale_shift_norm``). A conditioning sequence ``context`` [B, L, D] enters through cross-attention
 after each self-attention block (Rombach et al. 2022, Sec. 3.3).
+
+``wavelet_gating=True`` replaces every Downsample by ``WGDown`` (Haar DWT, sub-bands gated by a learned function of
+the pooled input, summed) and every Upsample by ``WGUp`` (channels read as gated sub-bands, inverse DWT): Spectral
+Diffusion's wavelet gating (Yang et al., CVPR 2023, arXiv 2211.17106; ``dpmjax.nn.wavelets``). Every downsampled feature map
+then needs even sides (``check_wavelet_sizes``). The default (False) builds the same modules and parameters as
+before the option existed.
 """
 from __future__ import annotations
 
@@ -22,8 +28,23 @@ import jax.numpy as jnp
 
 from dpmjax.nn.layers import (AttentionBlock, CrossAttentionBlock, Downsample, LabelEmbed, TimestepEmbed,
                               Upsample, group_norm)
+from dpmjax.nn.wavelets import WGDown, WGUp
 
-__all__ = ["ResBlock", "UNet"]
+__all__ = ["ResBlock", "UNet", "check_wavelet_sizes"]
+
+
+def check_wavelet_sizes(channel_mult, height: int, width: int) -> None:
+    """ValueError naming ``model.wavelet_gating`` when a feature map that a wavelet-gating block downsamples has an
+    odd side (the Haar DWT halves exact 2x2 blocks): with L = len(channel_mult) levels, H and W must be divisible
+    by 2^(L-1)."""
+    h, w = int(height), int(width)
+    for level in range(len(channel_mult) - 1):
+        if h % 2 or w % 2:
+            raise ValueError(f"model.wavelet_gating=True needs even feature-map sides at every downsampling; the "
+                             f"{height}x{width} input is {h}x{w} at level {level} of channel_mult="
+                             f"{tuple(channel_mult)}: use sides divisible by {2 ** (len(channel_mult) - 1)}, fewer "
+                             f"levels, or model.wavelet_gating=False")
+        h, w = h // 2, w // 2
 
 Dtype = Any
 
@@ -86,6 +107,8 @@ class UNet(nn.Module):
       mid_attention: self-attention (and cross-attention) in the middle block.
       num_groups: GroupNorm groups (reduced to a divisor of the channel count where needed).
       dtype / param_dtype: compute dtype (e.g. bfloat16) and parameter dtype (float32).
+      wavelet_gating: WGDown / WGUp (``dpmjax.nn.wavelets``) instead of Downsample / Upsample (Spectral Diffusion);
+        the modules keep their names (``down_{l}_sample``, ``up_{l}_sample``) with other parameters inside.
 
     ``return_bottleneck=True`` (a call argument, default False; no parameters change) also returns the middle
     block's output [B, H / 2^(L-1), W / 2^(L-1), C m_{L-1}], e.g. for DMD2's GAN head on the fake score network.
@@ -107,10 +130,13 @@ class UNet(nn.Module):
     out_channels: int | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    wavelet_gating: bool = False
 
     def _check(self, x, t, y, context):
         if x.ndim != 4:
             raise ValueError(f"UNet expects x of shape [B, H, W, C], got {x.shape}")
+        if self.wavelet_gating:
+            check_wavelet_sizes(self.channel_mult, x.shape[1], x.shape[2])
         if not self.channel_mult or self.num_res_blocks < 1 or self.model_channels < 1:
             raise ValueError(f"UNet needs a non-empty channel_mult, num_res_blocks >= 1 and model_channels >= 1; "
                              f"got {tuple(self.channel_mult)}, {self.num_res_blocks}, {self.model_channels}")
@@ -167,7 +193,8 @@ class UNet(nn.Module):
                 h = attend(res_block(h, self.model_channels * mult, name), name)
                 skips.append(h)
             if level != last:
-                h = Downsample(h.shape[-1], name=f"down_{level}_sample", **kw)(h)
+                down = WGDown if self.wavelet_gating else Downsample
+                h = down(h.shape[-1], name=f"down_{level}_sample", **kw)(h)
                 skips.append(h)
 
         h = res_block(h, h.shape[-1], "mid_0")
@@ -182,7 +209,10 @@ class UNet(nn.Module):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
                 h = attend(res_block(h, self.model_channels * self.channel_mult[level], name), name)
             if level != 0:
-                h = Upsample(h.shape[-1], name=f"up_{level}_sample", **kw)(h, skips[-1].shape[1:3])
+                if self.wavelet_gating:
+                    h = WGUp(h.shape[-1], name=f"up_{level}_sample", **kw)(h)
+                else:
+                    h = Upsample(h.shape[-1], name=f"up_{level}_sample", **kw)(h, skips[-1].shape[1:3])
 
         h = nn.silu(group_norm(h.shape[-1], self.num_groups, self.dtype, self.param_dtype, name="norm_out")(h))
         out = nn.Conv(self.out_channels or x.shape[-1], (3, 3), kernel_init=nn.initializers.zeros,

@@ -29,10 +29,18 @@ setup(
         "numpy>=1.26,<3",
         "scipy>=1.12,<2",
         "safetensors>=0.4,<1",  # reads diffusers checkpoints (numpy API, no torch): dpmjax convert
+        # dpmjax serve: Starlette (ASGI routing, small, typed requests) run by uvicorn in one asyncio loop.
+        "starlette>=0.40,<2",
+        "uvicorn>=0.30,<1",
     ],
     extras_require={
         # torch 2.13.0 CPU and diffusers are the parity oracles (diffusers' PyTorch schedulers).
-        "test": ["pytest>=8,<10", "torch==2.13.0", "diffusers>=0.35,<0.43"],
+        # httpx: Starlette's test client and the load-test client; nbmake runs notebooks/ in the tests; mkdocs
+        # builds the documentation site (docs/, `mkdocs build --strict` is a test).
+        "test": ["pytest>=8,<10", "torch==2.13.0", "diffusers>=0.35,<0.43", "httpx>=0.27,<1", "nbmake>=1.5,<2",
+                 "ipykernel>=6.29,<8", "mkdocs>=1.6,<2", "mkdocs-material>=9.5,<10", "mkdocstrings>=0.26,<2",
+                 "mkdocstrings-python>=1.10,<3", "mkdocs-jupyter>=0.25,<1"],
+        "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5,<10", "mkdocstrings>=0.26,<2", "mkdocstrings-python>=1.10,<3", "mkdocs-jupyter>=0.25,<1"],
         "tf": ["tensorflow-cpu>=2.16,<2.22", "tensorboard>=2.16,<2.22"],
     },
     entry_points={"console_scripts": ["dpmjax=dpmjax.main:main"]},

@@ -9,13 +9,16 @@
 Variants (``configs/common.py`` explains the syntax):
   cond:     class-conditional (10 classes + the null class, label dropout 0.1) for classifier-free guidance;
             ``dpmjax sample`` then draws the classes of ``--labels`` guided by ``config.sample.guidance_scale``.
+  xattn:    class-conditional through cross-attention only, as Stable Diffusion is through its prompt: the label is
+            a learned sequence of 2 tokens of width 32 (``model.label_tokens``, null class for CFG) read by
+            cross-attention at 4x4 and in the middle block; the teacher of ``--method speedupnet``.
   runlocal: the tiny UNet, 10 steps at batch 16 (tests and smoke runs).
 """
 from . import common
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, runlocal=False, cond=False)
+    arg = common.parse_arg(arg, runlocal=False, cond=False, xattn=False)
     c = common.base()
     # ~173k parameters: 8x8 -> 4x4, no attention (at 8x8, attention cost more step time than it gave quality),
     # v-prediction, learning rate 4e-3, 2000 steps (about 60 ms per step at batch 128 on 2 idle cores), sampled
@@ -31,6 +34,10 @@ def get_config(arg=None):
         common.runlocal(c)
     if arg.cond:
         c.model.update(num_classes=10, label_dropout=0.1)
+        c.sample.guidance_scale = 2.0
+    if arg.xattn:
+        c.model.update(num_classes=10, label_dropout=0.1, context_dim=32, label_tokens=2, attention_resolutions=(4,),
+                       mid_attention=True)
         c.sample.guidance_scale = 2.0
     c.lock()
     return c

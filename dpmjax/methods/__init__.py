@@ -31,6 +31,7 @@ METHOD_MODULES = {
     "spectral_distill": "dpmjax.methods.spectral_distill",
     "sparse": "dpmjax.methods.sparse",
     "early_exit": "dpmjax.methods.early_exit",
+    "speedupnet": "dpmjax.methods.speedupnet",
 }
 METHODS = tuple(METHOD_MODULES)
 

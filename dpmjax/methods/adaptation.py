@@ -83,7 +83,7 @@ def make_optimizer(config, **overrides) -> optax.GradientTransformation:
 def student_program(config, teacher: Teacher, *, init: Callable, loss: Callable, student: Callable, frozen,
                     metric_names=(), output=None, tx: optax.GradientTransformation | None = None,
                     optimizer_args: Callable | None = None, student_reads_frozen: bool = False,
-                    replace_output: tuple = ()) -> Program:
+                    replace_output: tuple = (), needs_data: bool = True) -> Program:
     """A ``Program`` that trains one pytree by gradient descent on ``loss``.
 
     Args:
@@ -94,6 +94,7 @@ def student_program(config, teacher: Teacher, *, init: Callable, loss: Callable,
       frozen: what the update reads and never changes (``Program.frozen``).
       tx: the optimizer (default ``make_optimizer(config)``).
       replace_output: ``output`` sections that replace the teacher's whole (``Program.replace_output``).
+      needs_data: False for a data-free loss (distillation from the teacher alone): ``batch`` is then None.
       optimizer_args: ``optimizer_args(frozen) -> dict`` of extra arguments of ``tx.update`` (AdamR's ``anchor``:
         the frozen teacher, ``dpmjax.train.adamr``).
     The update returns ``loss``'s scalars plus "loss" and "grad_norm"; the EMA follows ``train.ema_decay``.
@@ -122,7 +123,7 @@ def student_program(config, teacher: Teacher, *, init: Callable, loss: Callable,
             return student(state.ema_params if use_ema else state.params)
 
     return Program(init=init_state, update=update, frozen=frozen, student=student_fn,
-                   metric_names=("loss", *metric_names, "grad_norm"), output=dict(output or {}), needs_data=True,
+                   metric_names=("loss", *metric_names, "grad_norm"), output=dict(output or {}), needs_data=needs_data,
                    student_reads_frozen=student_reads_frozen, replace_output=tuple(replace_output))
 
 

@@ -37,7 +37,9 @@ def build_model(model_config):
         return QSTModel.from_config(kwargs)
     kwargs["dtype"] = jnp.bfloat16 if kwargs.pop("bfloat16", False) else jnp.float32
     if kind == "unet":
-        return UNet(**kwargs)
+        model = UNet(**kwargs)
+        model.check_conditioning()
+        return model
     if kind == "dit":
         return DiT(**kwargs)
     if kind == "diffusers_unet":  # `dpmjax convert --from-diffusers` (dpmjax.convert)
@@ -70,13 +72,16 @@ def _as_variables(params) -> Mapping[str, Any]:
 
 
 def _example_inputs(model, input_shape, context_len: int):
-    """Zero inputs for ``model.init``: x, plus t for generative models, plus context where it cross-attends."""
+    """Zero inputs for ``model.init``: x, plus t for generative models, plus context where it cross-attends
+    (and a negative context for a SpeedUpNet adapter; a model whose labels are its sequence needs neither)."""
     x = jnp.zeros(input_shape, jnp.float32)
     args, kwargs = (x,), {}
     if "t" in inspect.signature(type(model).__call__).parameters:
         args = (x, jnp.zeros(input_shape[:1], jnp.float32))
-    if getattr(model, "context_dim", None) is not None:
+    if getattr(model, "context_dim", None) is not None and not getattr(model, "label_tokens", 0):
         kwargs["context"] = jnp.zeros((input_shape[0], context_len, model.context_dim), jnp.float32)
+        if getattr(model, "negative_adapter", False):
+            kwargs["negative_context"] = kwargs["context"]
     return args, kwargs
 
 

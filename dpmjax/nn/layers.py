@@ -175,26 +175,56 @@ class CrossAttentionBlock(nn.Module):
 
     Queries come from the feature map, keys and values from the conditioning sequence (Rombach et al. 2022,
     Sec. 3.3). Zero-initialised output projection.
+
+    ``negative_adapter=True`` adds SpeedUpNet's adapter (Chai et al., arXiv 2312.08887, Sec. 3.2;
+    ``dpmjax.methods.speedupnet``): the negative (unconditional) sequence ``negative_context`` [B, L', D] goes
+    through the adapter's own projections ``k_neg`` / ``v_neg`` with the shared queries, its output is rescaled to
+    the positive branch's L2 norm ("attention normalisation") and a per-channel affine, and subtracted:
+
+        h_pos = attn(q, k(ctx), v(ctx)),   h_neg = attn(q, k_neg(ctx_neg), v_neg(ctx_neg))
+        h     = h_pos - (alpha * (|h_pos| / |h_neg|) h_neg + beta),        out = x + proj(h)
+
+    so one pass can carry classifier-free guidance's offset. Norms are per sample (over tokens and channels); the
+    official ``SUNAttnProcessor`` takes them over the whole batch tensor, which makes a sample depend on its batch
+    mates. alpha and beta start at 0 (the official code: alpha = 1), so a fresh adapter leaves the block unchanged
+    and training starts from the conditional network exactly.
     """
 
     num_heads: int = 1
     num_head_channels: int = -1
     num_groups: int = 32
+    negative_adapter: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context):
+    def __call__(self, x, context, negative_context=None):
         b, h, w, c = x.shape
         heads = attention_heads(c, self.num_heads, self.num_head_channels)
         dense = lambda name, **kw: nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype,  # noqa: E731
                                             name=name, **kw)
         queries = group_norm(c, self.num_groups, self.dtype, self.param_dtype, name="norm")(x)
-        ctx = layer_norm(self.dtype, self.param_dtype, name="context_norm", epsilon=1e-5)(context)
+        context_norm = layer_norm(self.dtype, self.param_dtype, name="context_norm", epsilon=1e-5)
+        ctx = context_norm(context)
         q = dense("q")(queries.reshape(b, h * w, c)).reshape(b, h * w, heads, c // heads)
-        k = dense("k")(ctx).reshape(b, ctx.shape[1], heads, c // heads)
-        v = dense("v")(ctx).reshape(b, ctx.shape[1], heads, c // heads)
-        out = dot_product_attention(q, k, v).reshape(b, h * w, c)
+
+        def attend(keys, values, sequence):
+            k = dense(keys)(sequence).reshape(b, sequence.shape[1], heads, c // heads)
+            v = dense(values)(sequence).reshape(b, sequence.shape[1], heads, c // heads)
+            return dot_product_attention(q, k, v).reshape(b, h * w, c)
+
+        out = attend("k", "v", ctx)
+        if self.negative_adapter:
+            if negative_context is None:
+                raise ValueError("this cross-attention block has a SpeedUpNet adapter (negative_adapter=True): "
+                                 "give negative_context [B, L', D]")
+            negative = attend("k_neg", "v_neg", context_norm(negative_context))
+            scale = (jnp.sqrt(jnp.sum(jnp.square(out.astype(jnp.float32)), axis=(1, 2), keepdims=True))
+                     / (jnp.sqrt(jnp.sum(jnp.square(negative.astype(jnp.float32)), axis=(1, 2), keepdims=True))
+                        + 1e-6))
+            alpha = self.param("neg_alpha", nn.initializers.zeros, (c,), self.param_dtype)
+            beta = self.param("neg_beta", nn.initializers.zeros, (c,), self.param_dtype)
+            out = out - (alpha * (scale * negative.astype(jnp.float32)) + beta).astype(out.dtype)
         out = dense("proj_out", kernel_init=nn.initializers.zeros)(out)
         return x + out.reshape(b, h, w, c)
 

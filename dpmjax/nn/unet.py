@@ -11,12 +11,17 @@ Layout for ``channel_mult = (m_0, ..., m_{L-1})`` and base width C:
 Conditioning: emb = MLP(sinusoidal(t)) (+ a learned class embedding with a null class for classifier-free
 guidance) enters every ResBlock as a GroupNorm scale and shift, h = GN(h) (1 + s) + b (ADM's
 ``use_scale_shift_norm``). A conditioning sequence ``context`` [B, L, D] enters through cross-attention
-after each self-attention block (Rombach et al. 2022, Sec. 3.3).
+after each self-attention block (Rombach et al. 2022, Sec. 3.3). ``label_tokens = L > 0`` makes the class label
+itself that sequence, as a text encoder's output is for Stable Diffusion: a learned table of num_classes + 1 rows of
+L tokens of ``context_dim`` (the last row the null class), read by cross-attention only (the label then does not
+enter ``emb``). ``negative_adapter=True`` adds SpeedUpNet's adapter to every cross-attention block
+(``CrossAttentionBlock``); its negative sequence is the null class's tokens (label tokens) or the caller's
+``negative_context``.
 
 ``wavelet_gating=True`` replaces every Downsample by ``WGDown`` (Haar DWT, sub-bands gated by a learned function of
 the pooled input, summed) and every Upsample by ``WGUp`` (channels read as gated sub-bands, inverse DWT): Spectral
-Diffusion's wavelet gating (Yang et al., CVPR 2023, arXiv 2211.17106; ``dpmjax.nn.wavelets``). Every downsampled feature map
-then needs even sides (``check_wavelet_sizes``). The default (False) builds the same modules and parameters as
+Diffusion's wavelet gating (Yang et al., CVPR 2023, arXiv 2211.17106; ``dpmjax.nn.wavelets``). Every downsampled
+feature map then needs even sides (``check_wavelet_sizes``). The default (False) builds the same modules and parameters as
 before the option existed.
 """
 from __future__ import annotations
@@ -104,6 +109,11 @@ class UNet(nn.Module):
         null class used for y=None, y == num_classes, and label dropout.
       label_dropout: probability of replacing a label by the null class when train=True (rng "dropout").
       context_dim: enables cross-attention to ``context`` [B, L, context_dim] after each self-attention block.
+      label_tokens: L > 0: class labels become the cross-attention sequence [B, L, context_dim] (a learned token
+        table with a null class, label dropout as for ``num_classes``); needs num_classes and context_dim, and
+        ``context`` is then not given.
+      negative_adapter: SpeedUpNet's negative-branch adapter in every cross-attention block
+        (``dpmjax.methods.speedupnet``); needs cross-attention.
       mid_attention: self-attention (and cross-attention) in the middle block.
       num_groups: GroupNorm groups (reduced to a divisor of the channel count where needed).
       dtype / param_dtype: compute dtype (e.g. bfloat16) and parameter dtype (float32).
@@ -131,8 +141,22 @@ class UNet(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     wavelet_gating: bool = False
+    label_tokens: int = 0
+    negative_adapter: bool = False
 
-    def _check(self, x, t, y, context):
+    def check_conditioning(self) -> None:
+        """ValueError naming the option for conditioning settings that cannot work together (no input needed)."""
+        cross_attends = self.context_dim is not None and (bool(self.attention_resolutions) or self.mid_attention)
+        if self.negative_adapter and not cross_attends:
+            raise ValueError("model.negative_adapter (SpeedUpNet) needs cross-attention: set model.context_dim and "
+                             "apply attention somewhere (model.attention_resolutions or model.mid_attention=True)")
+        if self.label_tokens:
+            if self.label_tokens < 0 or self.num_classes is None or not cross_attends:
+                raise ValueError(f"model.label_tokens={self.label_tokens} (labels as a cross-attention sequence) "
+                                 "needs model.num_classes, model.context_dim and attention somewhere "
+                                 "(model.attention_resolutions or model.mid_attention=True)")
+
+    def _check(self, x, t, y, context, negative_context):
         if x.ndim != 4:
             raise ValueError(f"UNet expects x of shape [B, H, W, C], got {x.shape}")
         if self.wavelet_gating:
@@ -146,7 +170,12 @@ class UNet(nn.Module):
             raise ValueError("class labels y were given but the UNet was built with num_classes=None")
         if self.context_dim is None and context is not None:
             raise ValueError("context was given but the UNet was built with context_dim=None (no cross-attention)")
-        if self.context_dim is not None:
+        self.check_conditioning()
+        if self.label_tokens:
+            if context is not None or negative_context is not None:
+                raise ValueError("this UNet reads its labels as the cross-attention sequence (label_tokens): give y, "
+                                 "not context / negative_context")
+        elif self.context_dim is not None:
             if context is None or context.ndim != 3 or context.shape[0] != x.shape[0] \
                     or context.shape[-1] != self.context_dim:
                 raise ValueError(f"this UNet cross-attends: context must have shape [B={x.shape[0]}, L, "
@@ -154,21 +183,38 @@ class UNet(nn.Module):
             if not self.attention_resolutions and not self.mid_attention:
                 raise ValueError("context_dim is set but no attention is applied anywhere: set "
                                  "attention_resolutions or mid_attention=True")
+            if self.negative_adapter and (negative_context is None or negative_context.ndim != 3
+                                          or negative_context.shape[0] != x.shape[0]
+                                          or negative_context.shape[-1] != self.context_dim):
+                raise ValueError(f"this UNet has a SpeedUpNet adapter: negative_context must have shape "
+                                 f"[B={x.shape[0]}, L', {self.context_dim}], got "
+                                 f"{None if negative_context is None else negative_context.shape}")
+        if negative_context is not None and not self.negative_adapter:
+            raise ValueError("negative_context was given but the UNet has no SpeedUpNet adapter (negative_adapter)")
 
     @nn.compact
-    def __call__(self, x, t, y=None, context=None, train: bool = False, return_bottleneck: bool = False):
+    def __call__(self, x, t, y=None, context=None, train: bool = False, return_bottleneck: bool = False,
+                 negative_context=None):
         t = jnp.asarray(t)
-        self._check(x, t, y, context)
+        self._check(x, t, y, context, negative_context)
         batch = x.shape[0]
         t = jnp.broadcast_to(t.astype(jnp.float32), (batch,))
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         emb_dim = 4 * self.model_channels
         emb = TimestepEmbed(emb_dim, self.model_channels, name="time_embed", **kw)(t)
-        if self.num_classes is not None:
+        if self.label_tokens:  # the label is the cross-attention sequence (and the null row the negative one)
+            tokens = LabelEmbed(self.num_classes, self.label_tokens * self.context_dim, self.label_dropout,
+                                name="label_tokens", **kw)
+            context = tokens(y, batch, train).reshape(batch, self.label_tokens, self.context_dim)
+            if self.negative_adapter:
+                negative_context = tokens(None, batch).reshape(batch, self.label_tokens, self.context_dim)
+        elif self.num_classes is not None:
             emb = emb + LabelEmbed(self.num_classes, emb_dim, self.label_dropout, name="label_embed",
                                    **kw)(y, batch, train)
         if context is not None:
             context = context.astype(self.dtype)
+        if negative_context is not None:
+            negative_context = negative_context.astype(self.dtype)
 
         def res_block(h, channels, name):
             return ResBlock(channels, self.dropout, self.use_scale_shift_norm, self.num_groups, name=name,
@@ -181,7 +227,8 @@ class UNet(nn.Module):
                          num_groups=self.num_groups, **kw)
             h = AttentionBlock(name=f"{name}_attn", **heads)(h)
             if self.context_dim is not None:
-                h = CrossAttentionBlock(name=f"{name}_xattn", **heads)(h, context)
+                h = CrossAttentionBlock(name=f"{name}_xattn", negative_adapter=self.negative_adapter,
+                                        **heads)(h, context, negative_context)
             return h
 
         h = nn.Conv(self.model_channels, (3, 3), name="conv_in", **kw)(x.astype(self.dtype))

@@ -71,7 +71,7 @@ def _check_positive(name, value, *, allow_zero=False):
 def make_adaptive(schedule, num_steps: int, *, order: int = 2, algorithm: str = "dpmsolver++",
                   solver_type: str = "dpmsolver", rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05,
                   theta: float = 0.9, t_err: float = 1e-5, max_nfe: int = 1000, tail_steps: int = 0) -> AdaptiveSolver:
-    """DPM-Solver-12 (order=2, the official default) or -23 (order=3) from grid["t"][0] to grid["t"][-1]."""
+    """DPM-Solver-12 (order=2, the official default) or -23 (order=3) from ``grid["t"][0]`` to ``grid["t"][-1]``."""
     name = "dpm_solver_adaptive"
     order = check_order(name, order, (2, 3))
     if algorithm not in ALGORITHMS:

@@ -8,7 +8,8 @@
 Variants: ``steps=N`` (updates, 1500), ``w=S`` (the guidance scale folded in, 2.0 = the teacher's default),
 ``student_steps=K`` (4), ``msc=M`` (consecutive student steps per loss term, 2; 1 = step-wise distillation),
 ``substeps=M`` (teacher DPM-Solver++(2M) steps per student step, 5: a 20-step guided teacher), ``runlocal``
-(4 updates at batch 8, a smoke run). Only the adapter trains (Adam 1e-3, constant, no EMA); no data is read.
+(4 updates at batch 8, a smoke run). Only the adapter trains (Adam 1e-2, constant, no EMA, batch 32: at 1e-3 the
+zero-initialised alpha moves too slowly to matter in a CPU-sized run); no data is read.
 """
 import ml_collections
 
@@ -22,8 +23,8 @@ def get_config(arg=None):
     c.method = dict(name="speedupnet", guidance_scale=float(arg.w), student_steps=int(arg.student_steps),
                     teacher_substeps=int(arg.substeps), teacher_solver="dpmpp_2m", msc_steps=int(arg.msc),
                     spacing=None, init="copy")
-    c.data = dict(batch_size=64)
-    c.optim = dict(learning_rate=1e-3, warmup_steps=0, decay="constant", weight_decay=0.0, grad_clip=1.0)
+    c.data = dict(batch_size=32)
+    c.optim = dict(learning_rate=1e-2, warmup_steps=0, decay="constant", weight_decay=0.0, grad_clip=1.0)
     c.train = dict(num_steps=int(arg.steps), log_every=50, checkpoint_every=500, keep_checkpoints=2,
                    sharding="replicate", ema_decay=0.0)
     if arg.runlocal:

@@ -412,7 +412,7 @@ def compute_ems(model_fn: Callable, schedule, data, *, t_start: float | None = N
     l_batch = functools.partial(_l_batch, model_fn=model_fn, prediction=prediction, num_probes=num_probes)
     f_batch = functools.partial(_f_batch, model_fn=model_fn, prediction=prediction)
 
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # not tqdm.auto: a Jupyter kernel without ipywidgets warns even when disabled
 
     n1 = lam.shape[0]
     start = time.perf_counter()

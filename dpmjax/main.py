@@ -20,6 +20,9 @@
         that ``sample`` / ``eval --workdir`` and ``dpmjax.workdir.load_params`` read.
     dpmjax finetune --method NAME --teacher DIR --workdir DIR [--config configs/methods/NAME.py[:VARIANT]]
         Run a finetuning / distillation / adaptation method (``dpmjax.methods``) on a trained workdir.
+    dpmjax serve --workdir DIR [--host 127.0.0.1 --port 8000 --batch-rows 32 --latency-target-ms 2000 --mode coserve]
+        HTTP sampling server that co-serves LoRA finetuning jobs in the same batches (``dpmjax.serve``):
+        POST /sample, POST /finetune, GET /jobs/ID, GET /metrics.
     dpmjax delta prune --base DIR --finetuned DIR --p P --variant dare|dare_q|dare_q_analytic|magnitude --out DIR
         DARE / DAREx / magnitude pruning of finetuned - base (``dpmjax.methods.dare``): a sparse delta file and a
         workdir of base + pruned delta that ``sample`` / ``eval`` read.
@@ -825,6 +828,67 @@ def _add_training_flags(p):
                         "(`log` lists them, `allow` turns the guard off)")
 
 
+def cmd_serve(args) -> int:
+    """Check the workdir, the options and the port, compile the engine, then serve (``dpmjax.serve.app``)."""
+    import socket
+
+    from dpmjax.serve.app import serve
+    from dpmjax.serve.engine import EngineConfig
+
+    _workdir(args.workdir)
+    options = dict(num_rows=args.batch_rows, max_nfe=args.max_nfe, adapter_slots=args.adapter_slots,
+                   max_rank=args.max_rank, latency_target_s=args.latency_target_ms / 1000.0, mode=args.mode,
+                   max_train_rows=args.max_train_rows, checkpoint_every=args.checkpoint_every)
+    try:
+        EngineConfig(**options)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:  # fail now, not after compiling
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as err:
+            raise UsageError(f"--host {args.host} --port {args.port}: cannot bind: {err.strerror}") from None
+
+    def ready(engine):
+        print(f"dpmjax serve: {args.workdir} ({engine.config.mode}, {engine.config.num_rows} rows, programs "
+              f"compiled); listening on http://{args.host}:{args.port}", flush=True)
+
+    serve(args.workdir, host=args.host, port=args.port, state_dir=args.state_dir, max_body_bytes=args.max_body_bytes,
+          ready=ready, **options)
+    return 0
+
+
+def _add_serve_parser(sub, kw):
+    v = sub.add_parser("serve", help="HTTP sampling server that co-serves LoRA finetuning (dpmjax.serve)",
+                       description="Serve a trained workdir over HTTP: POST /sample, POST /finetune, GET /jobs/ID, "
+                                   "GET /metrics. Sampling requests and LoRA finetuning rows share each compiled "
+                                   "batch (co-serving).", **kw)
+    v.add_argument("--workdir", required=True, help="a trained, converted or finetuned workdir")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind")
+    v.add_argument("--port", type=non_negative_int, default=8000, help="port to bind")
+    v.add_argument("--batch-rows", type=positive_int, default=32,
+                   help="rows of every iteration's batch (sampling images + training examples); also the most "
+                        "images one request may ask for")
+    v.add_argument("--latency-target-ms", type=non_negative_float, default=2000.0,
+                   help="default per-request latency target; training rows yield when they would break it")
+    v.add_argument("--max-nfe", type=positive_int, default=50, help="largest NFE a request may ask for")
+    v.add_argument("--adapter-slots", type=positive_int, default=4,
+                   help="adapter slots per batch (base + training + finished adapters)")
+    v.add_argument("--max-rank", type=positive_int, default=8, help="largest LoRA rank of a job")
+    v.add_argument("--max-train-rows", type=positive_int, default=None,
+                   help="training slots per iteration, a fixed bucket of the co-serving program; a job takes at "
+                        "most this many of the rows sampling leaves free (default: half of --batch-rows)")
+    v.add_argument("--checkpoint-every", type=positive_int, default=10, help="finetuning steps between checkpoints")
+    v.add_argument("--mode", choices=("coserve", "batch", "sequential"), default="coserve",
+                   help="coserve: sampling + finetuning in one batch; batch: sampling only (continuous batching); "
+                        "sequential: one request at a time, no batching (baselines)")
+    v.add_argument("--state-dir", default=None, help="jobs and adapters (default: WORKDIR/serve)")
+    v.add_argument("--max-body-bytes", type=positive_int, default=8 * 1024 * 1024,
+                   help="larger request bodies get 413")
+    v.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dpmjax", description=__doc__, formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
@@ -927,6 +991,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_flags(q)
     q.set_defaults(func=cmd_quickstart, takes_extra=True)
     _add_delta_parser(sub, kw)
+    _add_serve_parser(sub, kw)
     return parser
 
 

@@ -246,7 +246,7 @@ def test_every_flag_has_help_with_its_default(capsys):
     parser = cli.build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
     assert set(subparsers.choices) == {"quickstart", "train", "sample", "eval", "ems", "solvers", "convert", "finetune",
-                                       "delta"}
+                                       "delta", "serve"}
     commands = dict(subparsers.choices)
     for name, sub in list(commands.items()):  # nested commands: `dpmjax delta prune`
         for action in sub._actions:  # noqa: SLF001

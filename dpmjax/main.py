@@ -428,6 +428,7 @@ def cmd_sample_workdir(args) -> int:
     import numpy as np
     from tqdm import tqdm
 
+    from dpmjax import workdir as workdir_lib
     from dpmjax.metrics.report import image_grid
     from dpmjax.sharding import data_axis_size, make_mesh
 
@@ -468,6 +469,7 @@ def cmd_sample_workdir(args) -> int:
                     bar.write(f"compiled and sampled the first batch in {time.perf_counter() - tick:.1f} s")
                 bar.update(size)
         images = np.concatenate(parts)
+        images = workdir_lib.decode_if_latent(config, images)  # a latent workdir's samples, decoded by its VAE
         finite = np.isfinite(images.reshape(len(images), -1)).all(axis=1)
         if not finite.all():
             raise NonFiniteError(f"{int((~finite).sum())} of {len(images)} samples from {solver} at {nfe} NFE are "

@@ -19,8 +19,8 @@ import jax
 from dpmjax.nn import build_model, init_params, make_model_fn
 from dpmjax.schedules import schedule_from_config
 
-__all__ = ["load_config_of", "load_params", "load_teacher", "load_for_sampling", "checkpoint_steps", "SAMPLE_DEFAULTS",
-           "sample_settings", "EMS_DIR", "ems_files", "load_workdir_ems", "compute_workdir_ems"]
+__all__ = ["load_config_of", "load_params", "load_teacher", "load_for_sampling", "checkpoint_steps", "decode_if_latent",
+           "SAMPLE_DEFAULTS", "sample_settings", "EMS_DIR", "ems_files", "load_workdir_ems", "compute_workdir_ems"]
 
 # Sampling defaults for workdirs whose config.json lacks a ``sample`` section or some of its fields (folders
 # written by ``dpmjax convert``, runs trained before the section existed). The same values as
@@ -81,6 +81,16 @@ def load_for_sampling(workdir: str, *, step: int | None = None, use_ema: bool = 
     written by ``dpmjax convert``. ``config.train.target`` is what model_fn predicts."""
     model, variables, schedule, config = load_params(workdir, step=step, use_ema=use_ema)
     return make_model_fn(model, variables, schedule, y=y), schedule, config
+
+
+def decode_if_latent(config, samples):
+    """``samples`` of a workdir decoded to images when its model is a latent one (``config.data.latent`` names
+    the VAE workdir: ``dpmjax.data.latents.decode_latents``, D(z / s)); other workdirs' samples unchanged."""
+    if config.data.get("latent") is None:
+        return samples
+    from dpmjax.data.latents import decode_latents
+
+    return decode_latents(config, samples)
 
 
 def checkpoint_steps(workdir: str) -> list[int]:

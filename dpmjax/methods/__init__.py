@@ -32,6 +32,7 @@ METHOD_MODULES = {
     "sparse": "dpmjax.methods.sparse",
     "early_exit": "dpmjax.methods.early_exit",
     "speedupnet": "dpmjax.methods.speedupnet",
+    "lmd": "dpmjax.methods.lmd",
 }
 METHODS = tuple(METHOD_MODULES)
 

@@ -24,7 +24,7 @@ __all__ = ["UNet", "DiT", "Classifier", "drop_labels", "timestep_embedding", "co
            "init_variables", "network_time", "make_model_fn", "make_cfg_model_fn", "make_apply_fn",
            "make_cfg_apply_fn", "build_model", "init_params", "MODEL_KINDS"]
 
-MODEL_KINDS = ("unet", "dit", "diffusers_unet", "qst")
+MODEL_KINDS = ("unet", "dit", "diffusers_unet", "qst", "vae", "deblur_unet")
 
 
 def build_model(model_config):
@@ -36,12 +36,19 @@ def build_model(model_config):
         from dpmjax.nn.side import QSTModel
         return QSTModel.from_config(kwargs)
     kwargs["dtype"] = jnp.bfloat16 if kwargs.pop("bfloat16", False) else jnp.float32
+    if kind == "deblur_unet":  # image-conditioned / guided deblurring UNet (dpmjax.nn.deblur, dpmjax.methods.deblur)
+        from dpmjax.nn.deblur import DeblurUNet
+        return DeblurUNet(**kwargs)
     if kind == "unet":
         model = UNet(**kwargs)
         model.check_conditioning()
         return model
     if kind == "dit":
         return DiT(**kwargs)
+    if kind == "vae":  # the KL autoencoder of latent diffusion (dpmjax.nn.vae; `config.train.objective="vae"`)
+        from dpmjax.nn.vae import VAE
+        kwargs["channels"], kwargs["image_shape"] = tuple(kwargs["channels"]), tuple(kwargs["image_shape"])
+        return VAE(**kwargs)
     if kind == "diffusers_unet":  # `dpmjax convert --from-diffusers` (dpmjax.convert)
         from dpmjax.nn.diffusers_unet import DiffusersUNet2D
         return DiffusersUNet2D.from_config(kwargs)

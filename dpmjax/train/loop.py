@@ -46,7 +46,7 @@ from tqdm import tqdm
 from dpmjax.nn import build_model, init_params
 from dpmjax.schedules import schedule_from_config
 from dpmjax.sharding import SHARDING_RULES, data_axis_size, make_mesh, sharding_rule
-from dpmjax.train import checkpoint, losses, optim, resume
+from dpmjax.train import autoencoder, checkpoint, losses, optim, resume
 from dpmjax.train.state import TrainState, create_train_state
 from dpmjax.train.step import make_train_step
 
@@ -59,6 +59,9 @@ def build_data(config, split: str = "train"):
     if shots is not None:  # few-shot adaptation: the first `shots` images (dpmjax.data.few_shot)
         from dpmjax.data.few_shot import take_shots
         source = take_shots(source, shots)
+    if config.data.get("latent") is not None:  # latent diffusion: the images encoded by a trained VAE workdir
+        from dpmjax.data.latents import latent_source
+        source = latent_source(config, source, split)
     return source
 
 
@@ -226,6 +229,10 @@ def train(config, workdir: str, *, num_devices: int | None = None, quiet: bool =
 
     mesh = make_mesh(num_devices)
     rule = validate_train_config(config, mesh, stop_after)
+    objective = autoencoder.validate_autoencoder_config(config)  # "diffusion" or "vae" (dpmjax.train.autoencoder)
+    if config.data.get("latent") is not None:  # the VAE's latent shape against the model's, before any work
+        from dpmjax.data.latents import check_latent_config
+        check_latent_config(config)
     t = config.train
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -255,15 +262,21 @@ def train(config, workdir: str, *, num_devices: int | None = None, quiet: bool =
         # What the jitted init and step close over (the optimizer sees num_steps only through a cosine decay).
         key = (config.model.to_json(), config.schedule.to_json(), config.optim.to_json(),
                int(t.num_steps) if config.optim.get("decay") == "cosine" else None, image_shape, int(config.seed),
-               str(t.target), float(t.get("min_snr_gamma", 0.0)), float(t.ema_decay), rule, mesh)
+               str(t.target), float(t.get("min_snr_gamma", 0.0)), float(t.ema_decay), rule, mesh, objective,
+               float(t.get("vae_beta", 1e-3)), str(t.get("vae_reconstruction", "l1")))
 
         state, start, writer = resume_or_init(
             workdir, config, previous, mngr, latest, abstract, shardings, batches,
             lambda: _cached(("init",) + key, lambda: jax.jit(init_state, out_shardings=shardings))())
         gamma = float(t.get("min_snr_gamma", 0.0))
-        step_fn = _cached(("step",) + key, lambda: make_train_step(
-            _apply_fn(model, schedule), tx, schedule, mesh, target=t.target,
-            min_snr_gamma=gamma if gamma > 0 else None, ema_decay=t.ema_decay, state_sharding=shardings))
+        if objective == "vae":
+            step_fn = _cached(("step",) + key, lambda: autoencoder.make_autoencoder_step(
+                model, tx, mesh, beta=float(t.get("vae_beta", 1e-3)),
+                reconstruction=str(t.get("vae_reconstruction", "l1")), ema_decay=t.ema_decay, state_sharding=shardings))
+        else:
+            step_fn = _cached(("step",) + key, lambda: make_train_step(
+                _apply_fn(model, schedule), tx, schedule, mesh, target=t.target,
+                min_snr_gamma=gamma if gamma > 0 else None, ema_decay=t.ema_decay, state_sharding=shardings))
         return run_steps(config, state, step_fn, batches, mngr, writer, start, stop_after, quiet)
     finally:
         if writer is not None:

@@ -69,9 +69,52 @@ def tree_all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
 
 
+def make_gradient_step(loss_fn: Callable, tx: optax.GradientTransformation, mesh, *, metric_names=(),
+                       ema_decay: float = 0.999, state_sharding=None):
+    """``step(state, batch, metrics=None) -> (state, metrics)`` for any objective, jitted with explicit shardings.
+
+    ``loss_fn(params, batch, key) -> (loss, scalars)``, ``scalars`` a dict of [] arrays named by ``metric_names``;
+    ``key`` is ``fold_in(state.key, state.step)``. One program: grads -> optax update -> EMA -> on-device metrics
+    ("loss", the scalars, "grad_norm") with the finite check of loss, gradient norm and every leaf of the new state.
+    The batch is split over "data"; the state is placed by ``state_sharding`` (default replicated); the metrics are
+    replicated. The state and metrics buffers are donated; ``metrics=None`` starts a fresh accumulator.
+    """
+    if not 0.0 <= ema_decay <= 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1], got {ema_decay!r}")
+    names = ("loss", *metric_names, "grad_norm")
+
+    def step(state: TrainState, batch, metrics: StepMetrics):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+        (loss, scalars), grads = jax.value_and_grad(lambda p: loss_fn(p, batch, key), has_aux=True)(state.params)
+        params, opt_state = optimizer_step(tx, grads, state.opt_state, state.params)
+        ema = ema_update(state.ema_params, params, ema_decay_at(state.step, ema_decay))
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+        new_metrics = accumulate(metrics, {"loss": loss, **scalars, "grad_norm": optax.tree.norm(grads)},
+                                 tree_all_finite((params, ema, opt_state)), new_state.step)
+        return new_state, new_metrics
+
+    state_sharding = replicated(mesh) if state_sharding is None else state_sharding
+    repl = replicated(mesh)
+    jitted = jax.jit(step, in_shardings=(state_sharding, data_sharding(mesh), repl),
+                     out_shardings=(state_sharding, repl), donate_argnums=(0, 2))
+
+    def fresh_metrics():
+        # placed like the step's own output: a numpy accumulator would be an uncommitted argument, and the
+        # second call (committed metrics) would compile the step a second time
+        return jax.device_put(init_metrics(names), repl)
+
+    def train_step(state: TrainState, batch, metrics: StepMetrics | None = None):
+        return jitted(state, batch, fresh_metrics() if metrics is None else metrics)
+
+    train_step.jitted = jitted
+    train_step.init_metrics = fresh_metrics
+    return train_step
+
+
 def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, schedule, mesh, *, target: str = "eps",
                     min_snr_gamma: float | None = None, ema_decay: float = 0.999, state_sharding=None):
-    """Returns ``step(state, batch, metrics=None) -> (state, metrics)`` jitted with explicit shardings over ``mesh``.
+    """The diffusion objective's ``step(state, batch, metrics=None) -> (state, metrics)`` (``make_gradient_step``
+    on ``losses.denoising_loss``), jitted with explicit shardings over ``mesh``.
 
     Args:
       apply_fn: ``apply_fn(params, x_t, t, y, key) -> prediction`` (``key`` drives dropout and label dropout).
@@ -88,38 +131,10 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, schedu
         raise ValueError(f"target must be one of {losses.TARGETS}, got {target!r}")
     if min_snr_gamma is not None and not min_snr_gamma > 0:
         raise ValueError(f"min_snr_gamma must be None or > 0, got {min_snr_gamma!r}")
-    if not 0.0 <= ema_decay <= 1.0:
-        raise ValueError(f"ema_decay must be in [0, 1], got {ema_decay!r}")
 
-    def step(state: TrainState, batch, metrics: StepMetrics):
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+    def loss_fn(params, batch, key):
+        loss, _ = losses.denoising_loss(apply_fn, params, batch, key, schedule, target=target,
+                                        min_snr_gamma=min_snr_gamma)
+        return loss, {}
 
-        def loss_fn(params):
-            return losses.denoising_loss(apply_fn, params, batch, key, schedule, target=target,
-                                         min_snr_gamma=min_snr_gamma)
-
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        params, opt_state = optimizer_step(tx, grads, state.opt_state, state.params)
-        ema = ema_update(state.ema_params, params, ema_decay_at(state.step, ema_decay))
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
-        grad_norm = optax.tree.norm(grads)
-        new_metrics = accumulate(metrics, {"loss": loss, "grad_norm": grad_norm},
-                                 tree_all_finite((params, ema, opt_state)), new_state.step)
-        return new_state, new_metrics
-
-    state_sharding = replicated(mesh) if state_sharding is None else state_sharding
-    repl = replicated(mesh)
-    jitted = jax.jit(step, in_shardings=(state_sharding, data_sharding(mesh), repl),
-                     out_shardings=(state_sharding, repl), donate_argnums=(0, 2))
-
-    def fresh_metrics():
-        # placed like the step's own output: a numpy accumulator would be an uncommitted argument, and the
-        # second call (committed metrics) would compile the step a second time
-        return jax.device_put(init_metrics(), repl)
-
-    def train_step(state: TrainState, batch, metrics: StepMetrics | None = None):
-        return jitted(state, batch, fresh_metrics() if metrics is None else metrics)
-
-    train_step.jitted = jitted
-    train_step.init_metrics = fresh_metrics
-    return train_step
+    return make_gradient_step(loss_fn, tx, mesh, ema_decay=ema_decay, state_sharding=state_sharding)

@@ -38,13 +38,23 @@ class ConfigError(ValueError):
 
 
 def configs_dir() -> str:
-    """The repository's ``configs/`` folder (beside the ``dpmjax`` package)."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    """The shipped configs: the repository's ``configs/`` folder beside the ``dpmjax`` package (a checkout or an
+    editable install), else the copy a regular install puts in ``dpmjax/_configs`` (setup.py)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    repository = os.path.join(os.path.dirname(here), "configs")
+    return repository if os.path.isdir(repository) else os.path.join(here, "_configs")
 
 
 def _resolve(path: str) -> str:
-    if not os.path.exists(path) and os.path.exists(os.path.join(configs_dir(), os.path.basename(path))):
-        path = os.path.join(configs_dir(), os.path.basename(path))
+    """A config path as given, else the shipped config it names: ``configs/methods/x.py`` (the repository's
+    spelling, in the docs) or a bare ``digits.py``, read from ``configs_dir()``."""
+    if not os.path.exists(path):
+        parts = path.replace(os.sep, "/").split("/")
+        inside = "/".join(parts[len(parts) - parts[::-1].index("configs"):]) if "configs" in parts else ""
+        for candidate in (inside, os.path.basename(path)):
+            if candidate and os.path.exists(os.path.join(configs_dir(), candidate)):
+                path = os.path.join(configs_dir(), candidate)
+                break
     if not os.path.isfile(path):
         folder = configs_dir()
         known = sorted(n for n in os.listdir(folder) if n.endswith(".py")) if os.path.isdir(folder) else []

@@ -88,12 +88,15 @@ def _words(x, xp):
 
 
 def _fmix32(h, xp):
-    """murmur3's 32-bit finaliser: a bijection of uint32 that mixes every input bit into every output bit."""
-    h = h ^ xp.right_shift(h, xp.uint32(16))
-    h = h * xp.uint32(0x85EBCA6B)
-    h = h ^ xp.right_shift(h, xp.uint32(13))
-    h = h * xp.uint32(0xC2B2AE35)
-    return h ^ xp.right_shift(h, xp.uint32(16))
+    """murmur3's 32-bit finaliser: a bijection of uint32 that mixes every input bit into every output bit.
+
+    The products wrap modulo 2^32 by design; numpy warns about that for 0-d arrays, so the warning is silenced."""
+    with np.errstate(over="ignore"):
+        h = h ^ xp.right_shift(h, xp.uint32(16))
+        h = h * xp.uint32(0x85EBCA6B)
+        h = h ^ xp.right_shift(h, xp.uint32(13))
+        h = h * xp.uint32(0xC2B2AE35)
+        return h ^ xp.right_shift(h, xp.uint32(16))
 
 
 def _leaf_summary(x, xp):

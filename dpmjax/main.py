@@ -123,6 +123,7 @@ def _as_float(text, minimum):
 positive_int = _type(lambda t: _as_int(t, 1), "a positive integer")
 non_negative_int = _type(lambda t: _as_int(t, 0), "a non-negative integer")
 non_negative_float = _type(lambda t: _as_float(t, 0.0), "a non-negative number")
+port_number = _type(lambda t: _as_int(t, 0) if int(t) <= 65535 else None, "a port number in [0, 65535]")
 nfe_list = _type(lambda t: _as_list(t, lambda s: _as_int(s, 1)), "positive integers such as 5,10,20")
 name_list = _type(lambda t: _as_list(t, lambda s: s), "names such as dpmpp_2m,unipc")
 label_list = _type(lambda t: _as_list(t, lambda s: _as_int(s, 0)), "class labels such as 3 or 0,1,2")
@@ -868,7 +869,7 @@ def _add_serve_parser(sub, kw):
                                    "batch (co-serving).", **kw)
     v.add_argument("--workdir", required=True, help="a trained, converted or finetuned workdir")
     v.add_argument("--host", default="127.0.0.1", help="address to bind")
-    v.add_argument("--port", type=non_negative_int, default=8000, help="port to bind")
+    v.add_argument("--port", type=port_number, default=8000, help="port to bind")
     v.add_argument("--batch-rows", type=positive_int, default=32,
                    help="rows of every iteration's batch (sampling images + training examples); also the most "
                         "images one request may ask for")

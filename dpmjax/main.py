@@ -186,14 +186,20 @@ def _check_num_devices(num_devices):
         raise UsageError(f"--num-devices {num_devices}: only {jax.device_count()} device(s) are available")
 
 
-def _workdir(workdir: str):
-    """(config, checkpoint steps) of a finished workdir, reading only small files."""
+def _workdir(workdir: str, *, denoiser: bool = False):
+    """(config, checkpoint steps) of a finished workdir, reading only small files; ``denoiser``: refuse a workdir
+    whose network is not a diffusion model (a VAE of latent diffusion)."""
     from dpmjax.workdir import checkpoint_steps, load_config_of
 
     try:
-        return load_config_of(workdir), checkpoint_steps(workdir)
+        config, steps = load_config_of(workdir), checkpoint_steps(workdir)
     except FileNotFoundError as err:
         raise UsageError(f"--workdir: {err}") from None
+    if denoiser and config.model.get("kind") == "vae":
+        raise UsageError(f"--workdir: {workdir} holds a VAE (config.model.kind='vae'), an autoencoder, not a "
+                         "diffusion model: sample a latent workdir trained on its latents "
+                         "(configs/latent_fashion_mnist.py:vae=...)")
+    return config, steps
 
 
 def _check_finite_params(params, workdir: str, step: int):
@@ -438,7 +444,7 @@ def cmd_sample_workdir(args) -> int:
             raise UsageError(f"{flag} applies to the oracle (no --workdir); a workdir has its own model and schedule")
     if args.out:
         _check_output_file(args.out, "--out", ".npz")
-    config, _ = _workdir(args.workdir)
+    config, _ = _workdir(args.workdir, denoiser=True)
     custom = _method_sampler(config)
     if custom is not None:
         return _sample_with_method(args, config, custom)
@@ -606,7 +612,7 @@ def cmd_eval(args) -> int:
     from dpmjax.metrics import report
 
     out_dir = _check_output_dir(args.out_dir, "--out-dir") if args.out_dir else None
-    config, _ = _workdir(args.workdir)
+    config, _ = _workdir(args.workdir, denoiser=True)
     _domain_dataset(config, args.workdir, "eval")
     if _method_sampler(config) is not None:
         raise UsageError(f"--workdir: `dpmjax eval` does not score {config.method.name} workdirs yet (their sampler "
@@ -662,7 +668,7 @@ def cmd_ems(args) -> int:
 
     if args.out:
         _check_output_file(args.out, "--out", ".npz")
-    config, steps = _workdir(args.workdir)
+    config, steps = _workdir(args.workdir, denoiser=True)
     if not config.get("data", {}).get("name"):
         raise UsageError(f"--workdir: {args.workdir} names no training dataset (config.data.name): the statistics "
                          "are estimated from data")
@@ -838,7 +844,7 @@ def cmd_serve(args) -> int:
     from dpmjax.serve.app import serve
     from dpmjax.serve.engine import EngineConfig
 
-    _workdir(args.workdir)
+    _workdir(args.workdir, denoiser=True)
     options = dict(num_rows=args.batch_rows, max_nfe=args.max_nfe, adapter_slots=args.adapter_slots,
                    max_rank=args.max_rank, latency_target_s=args.latency_target_ms / 1000.0, mode=args.mode,
                    max_train_rows=args.max_train_rows, checkpoint_every=args.checkpoint_every)

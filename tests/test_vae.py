@@ -137,3 +137,14 @@ def test_latent_source_has_unit_variance_and_latent_workdir_samples_decode(vae_w
     images = np.load(out)["images"]
     assert images.shape == (8, 8, 8, 1) and np.isfinite(images).all()
     assert os.path.isfile(str(tmp_path / "samples.png"))
+
+
+def test_sampling_or_serving_a_vae_workdir_is_refused_in_one_line(vae_workdir, capsys):
+    """A VAE is not a denoiser: `dpmjax sample` / `eval` / `serve` on its workdir say so before loading anything."""
+    from dpmjax.main import main
+
+    for command in (["sample", "--workdir", vae_workdir, "--num", "4"], ["eval", "--workdir", vae_workdir],
+                    ["serve", "--workdir", vae_workdir, "--port", "0"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "holds a VAE (config.model.kind='vae')" in err[0], err

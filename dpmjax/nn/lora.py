@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-__all__ = ["DEFAULT_TARGETS", "lora_targets", "check_lora", "init_lora", "merge_lora", "lora_delta"]
+__all__ = ["DEFAULT_TARGETS", "lora_targets", "check_lora", "init_lora", "merge_lora", "merge_scaled", "lora_delta"]
 
 DEFAULT_TARGETS = (
     r"/(down_\d+_\d+|mid_\d+|up_\d+_\d+)/(conv_in|conv_out|skip)/kernel$",      # dpmjax UNet ResBlocks
@@ -141,7 +141,12 @@ def merge_lora(params, lora, alpha: float, rank: int):
     differentiable w.r.t. both trees. ValueError when an adapter names a kernel ``params`` lacks."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    scale = float(alpha) / float(rank)
+    return merge_scaled(params, lora, float(alpha) / float(rank))
+
+
+def merge_scaled(params, lora, scale):
+    """``params`` with W + scale A^T B at every adapted kernel: ``merge_lora`` with the scale given directly, which
+    may be traced (``dpmjax.serve`` selects one of several adapter slots, each with its own scale, per row)."""
     flat = traverse_util.flatten_dict(_unfrozen(params))
     for path, adapter in _adapter_paths(lora).items():
         if path not in flat:

@@ -63,11 +63,10 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from flax import traverse_util
 
 from dpmjax import parameterization
 from dpmjax.nn import network_time
-from dpmjax.nn.lora import lora_delta
+from dpmjax.nn.lora import merge_scaled
 from dpmjax.samplers import ddim, dpm_solver
 from dpmjax.samplers.base import ModelEval, at_time, combine_lags, expand_like, ring_slot
 from dpmjax.train import losses
@@ -145,20 +144,6 @@ def empty_rows(num_rows: int, image_shape, max_steps: int, default_times) -> Row
                 history=jnp.zeros((num_rows, HISTORY) + tuple(image_shape), jnp.float32),
                 times=jnp.broadcast_to(jnp.asarray(default_times, jnp.float32), (num_rows, max_steps + 1)),
                 step=zeros_i, num_steps=jnp.ones((num_rows,), jnp.int32), solver=zeros_i, label=zeros_i)
-
-
-def merge_scaled(variables, adapters, scale):
-    """``variables`` with W + scale A^T B at every adapted kernel; ``scale`` may be traced (one slot of a stack).
-
-    The traced-scale form of ``dpmjax.nn.lora.merge_lora`` (which takes a Python alpha and rank)."""
-    flat = traverse_util.flatten_dict(variables)
-    grouped: dict = {}
-    for key, leaf in traverse_util.flatten_dict(adapters).items():
-        grouped.setdefault(key[:-1], {})[key[-1]] = leaf
-    for path, adapter in grouped.items():
-        weight = flat[path]
-        flat[path] = weight + lora_delta(adapter, weight.shape, scale).astype(weight.dtype)
-    return traverse_util.unflatten_dict(flat)
 
 
 def _ddim_row(schedule):

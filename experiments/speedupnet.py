@@ -149,7 +149,7 @@ def main():
         workdir = os.path.join(OUT, f"sun_msc{msc}")
         finetune_once("speedupnet", teacher_a, sun_config(msc), workdir)
         _, student, _, _ = load_params(workdir)
-        adapters[msc] = speedupnet.init_adapter(student, student, copy=False)  # the adapter's leaves, as trained
+        adapters[msc] = speedupnet.adapter_of(student)  # the adapter's leaves, as trained
 
     metric = domain_metric("digits")
     real, _ = real_split("digits", "test")

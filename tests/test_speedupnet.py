@@ -236,8 +236,8 @@ def test_finetune_cli_then_sample_and_plug_into_another_base(xattn_teacher, tmp_
     assert saved["sample"]["guidance_scale"] == 1.0
     assert main(["sample", "--workdir", out, "--num", "4", "--batch-size", "4", "--labels", "3"]) == 0
     _, variables, _, _ = load_params(out)
-    adapter = {"params": {"mid_xattn": {k: variables["params"]["mid_xattn"][k]
-                                        for k in speedupnet.ADAPTER_LEAVES}}}
+    adapter = speedupnet.adapter_of(variables)
+    assert set(adapter) == {"mid_xattn"} and set(adapter["mid_xattn"]) == set(speedupnet.ADAPTER_LEAVES)
     other_base = _perturbed(teacher.params, 7, scale=0.01)
     plugged = speedupnet.plug(other_base, adapter)
     np.testing.assert_array_equal(plugged["params"]["mid_xattn"]["neg_alpha"],

@@ -56,7 +56,7 @@ from dpmjax.samplers.base import at_time
 from dpmjax.samplers.driver import plan, sample
 
 __all__ = ["METHOD", "DEFAULTS", "settings", "validate", "build", "student_model_config", "adapter_paths",
-           "init_adapter", "plug", "student_timesteps", "teacher_timesteps", "ddim_step", "msc_loss",
+           "adapter_of", "init_adapter", "plug", "student_timesteps", "teacher_timesteps", "ddim_step", "msc_loss",
            "STUDENT_SOLVER"]
 
 DEFAULTS = dict(guidance_scale=None, student_steps=4, teacher_substeps=5, teacher_solver="dpmpp_2m", msc_steps=2,
@@ -89,19 +89,22 @@ def adapter_paths(params) -> list:
             or path[-1] in ADAPTER_LEAVES]
 
 
+def adapter_of(variables) -> dict:
+    """The adapter of an adapted network: its params tree cut to the adapter's leaves (what ``plug`` takes)."""
+    flat = flax.traverse_util.flatten_dict(_params(variables))
+    return flax.traverse_util.unflatten_dict({path: flat[path] for path in adapter_paths(_params(variables))})
+
+
 def init_adapter(teacher_params, student_params, *, copy: bool = True) -> dict:
-    """The adapter's params (the student's params tree cut to the adapter's leaves): ``student_params`` (a fresh
-    init of the adapted model) restricted to the adapter, with k_neg / v_neg copied from the block's k / v when
-    ``copy``; alpha and beta are the module's zeros."""
-    teacher_flat = flax.traverse_util.flatten_dict(_params(teacher_params))
-    student_flat = flax.traverse_util.flatten_dict(_params(student_params))
-    adapter = {}
-    for path in adapter_paths(_params(student_params)):
-        value = student_flat[path]
-        if copy and path[-2] in ("k_neg", "v_neg"):
-            value = teacher_flat[path[:-2] + (path[-2][0],) + path[-1:]]
-        adapter[path] = jnp.asarray(value)
-    return flax.traverse_util.unflatten_dict(adapter)
+    """The adapter at the start of training: ``adapter_of`` a fresh init of the adapted model, with k_neg / v_neg
+    copied from the block's k / v when ``copy``; alpha and beta are the module's zeros."""
+    adapter = flax.traverse_util.flatten_dict(adapter_of(student_params))
+    if copy:
+        teacher_flat = flax.traverse_util.flatten_dict(_params(teacher_params))
+        for path in adapter:
+            if path[-2] in ("k_neg", "v_neg"):
+                adapter[path] = teacher_flat[path[:-2] + (path[-2][0],) + path[-1:]]
+    return flax.traverse_util.unflatten_dict({path: jnp.asarray(v) for path, v in adapter.items()})
 
 
 def plug(base_params, adapter: dict) -> dict:
